@@ -1,0 +1,14 @@
+pub mod cli;
+pub mod demo;
+pub mod job;
+pub mod maintenance;
+pub mod schema;
+pub mod shutdown;
+pub mod store;
+pub mod wake;
+pub mod web;
+pub mod worker;
+
+pub use job::{Backoff, Handler, JobContext, Outcome, Registry};
+pub use store::{Job, JobState, NewJob, Store};
+pub use worker::{Worker, WorkerConfig};

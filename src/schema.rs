@@ -1,0 +1,74 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    job_attempts (id) {
+        id -> Int8,
+        job_id -> Int8,
+        attempt -> Int4,
+        worker -> Text,
+        started_at -> Int8,
+        finished_at -> Int8,
+        outcome -> Text,
+        error -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    jobs (id) {
+        id -> Int8,
+        queue -> Text,
+        kind -> Text,
+        args -> Text,
+        state -> Text,
+        priority -> Int4,
+        attempt -> Int4,
+        max_attempts -> Int4,
+        run_at -> Int8,
+        created_at -> Int8,
+        started_at -> Nullable<Int8>,
+        finished_at -> Nullable<Int8>,
+        timeout_ms -> Int8,
+        lease_id -> Int8,
+        locked_by -> Nullable<Text>,
+        heartbeat_at -> Nullable<Int8>,
+        deadline_at -> Nullable<Int8>,
+        rescue_count -> Int4,
+        last_error -> Nullable<Text>,
+        unique_key -> Nullable<Text>,
+        cancel_requested -> Bool,
+    }
+}
+
+diesel::table! {
+    leader (name) {
+        name -> Text,
+        holder -> Text,
+        term -> Int8,
+        expires_at -> Int8,
+    }
+}
+
+diesel::table! {
+    queues (name) {
+        name -> Text,
+        paused -> Bool,
+        updated_at -> Int8,
+    }
+}
+
+diesel::table! {
+    workers (id) {
+        id -> Text,
+        host -> Text,
+        pid -> Int4,
+        queues -> Text,
+        concurrency -> Int4,
+        version -> Text,
+        started_at -> Int8,
+        heartbeat_at -> Int8,
+    }
+}
+
+diesel::joinable!(job_attempts -> jobs (job_id));
+
+diesel::allow_tables_to_appear_in_same_query!(job_attempts, jobs, leader, queues, workers,);

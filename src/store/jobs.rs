@@ -1,0 +1,875 @@
+//! Job statements: enqueue, claim, heartbeat, acknowledge, fail, and the
+//! operator's actions (retry, cancel, delete), plus reads for lists and counts.
+//!
+//! The hot path (enqueue, claim, heartbeat, complete) takes a whole batch per
+//! statement on PostgreSQL, where every statement is a network round trip; on
+//! SQLite a statement is a function call, so a loop inside one `BEGIN
+//! IMMEDIATE` transaction is as fast and simpler. Those statements are in the
+//! "backend differences" section at the end of this file.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use diesel::dsl::{count_star, sql};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
+
+use super::types::{DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT};
+use super::{
+    Attempt, AttemptOutcome, Dialect, Failure, Job, JobState, Lease, NewJob, Pool, QueueCount,
+    QueueInfo, Result, Schedule, Store, Transition, now,
+};
+use crate::schema::{job_attempts, jobs, queues};
+
+/// The `NOTIFY` channel that announces claimable jobs; the payload is the queue.
+pub(crate) const NOTIFY_CHANNEL: &str = "errand_jobs";
+
+/// Longest error text kept per attempt; longer ones are cut with a marker.
+const MAX_ERROR_BYTES: usize = 16 * 1024;
+
+/// The states in which a job is not finished (and holds its unique key).
+const UNFINISHED: [JobState; 3] = [JobState::Queued, JobState::Running, JobState::Retrying];
+
+/// The answer to enqueueing one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: i64,
+    /// The job's state: `queued` for a new job; for an existing job with the
+    /// same unique key, whatever state it is in.
+    pub state: JobState,
+    /// False when an unfinished job with the same unique key was returned
+    /// instead of creating a new one.
+    pub created: bool,
+}
+
+/// Which jobs [`Store::jobs_list`] returns, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Any of these states; empty means all.
+    pub states: Vec<JobState>,
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// Keyset pagination: only jobs with an id below this one.
+    pub before_id: Option<i64>,
+    /// At most this many (clamped to 1..=1000; 0 means 25).
+    pub limit: i64,
+}
+
+/// One job as the enqueue statement reads it (a JSON array of these is the
+/// statement's single parameter, so any batch size is one statement).
+#[derive(serde::Serialize)]
+struct EnqueueRow<'a> {
+    queue: &'a str,
+    kind: &'a str,
+    args: &'a str,
+    priority: i32,
+    max_attempts: i32,
+    timeout_ms: i64,
+    run_at: Option<i64>,
+    delay_ms: i64,
+    unique_key: Option<&'a str>,
+}
+
+impl<'a> EnqueueRow<'a> {
+    fn new(job: &'a NewJob) -> Self {
+        let (run_at, delay_ms) = match job.schedule {
+            Schedule::Now => (None, 0),
+            Schedule::At(at) => (Some(at), 0),
+            Schedule::After(delay) => (None, millis(delay)),
+        };
+        EnqueueRow {
+            queue: &job.queue,
+            kind: &job.kind,
+            args: &job.args,
+            priority: job.priority,
+            max_attempts: job.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            timeout_ms: millis(job.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+            run_at,
+            delay_ms,
+            unique_key: job.unique_key.as_deref(),
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct InsertedRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    unique_key: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct HeldRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Bool)]
+    cancel_requested: bool,
+}
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Cuts `error` to [`MAX_ERROR_BYTES`] on a character boundary.
+fn cap_error(error: &str) -> String {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error.to_string();
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}\n… [{} more bytes cut]",
+        &error[..end],
+        error.len() - end
+    )
+}
+
+/// The rows a lease-fenced write may touch: this job, this lease, still running.
+#[diesel::dsl::auto_type]
+fn fenced(id: i64, lease_id: i64) -> _ {
+    let running: JobState = JobState::Running;
+    jobs::table
+        .filter(jobs::id.eq(id))
+        .filter(jobs::lease_id.eq(lease_id))
+        .filter(jobs::state.eq(running))
+}
+
+/// `NOW + ?`: the database clock plus a bound number of milliseconds.
+pub(super) type NowPlus = diesel::expression::UncheckedBind<
+    diesel::expression::SqlLiteral<BigInt>,
+    diesel::dsl::AsExprOf<i64, BigInt>,
+>;
+
+pub(super) fn now_plus<C: Dialect>(_: &C, ms: i64) -> NowPlus {
+    sql::<BigInt>(&format!("{} + ", C::NOW)).bind::<BigInt, _>(ms)
+}
+
+/// The database clock's SQL text, for statements that embed it.
+fn now_sql<C: Dialect>(_: &C) -> &'static str {
+    C::NOW
+}
+
+impl Store {
+    /// Enqueues one job. See [`Store::jobs_enqueue`].
+    pub fn job_enqueue(&self, job: &NewJob) -> Result<Enqueued> {
+        Ok(self.jobs_enqueue(std::slice::from_ref(job))?[0])
+    }
+
+    /// Enqueues jobs in one transaction and returns, in input order, each
+    /// job's id. A job whose `unique_key` is held by an unfinished job is not
+    /// created: the existing job is returned with `created: false`. When this
+    /// returns `Ok`, every job is committed.
+    pub fn jobs_enqueue(&self, new: &[NewJob]) -> Result<Vec<Enqueued>> {
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut results: Vec<Option<Enqueued>> = vec![None; new.len()];
+        // An existing job can finish between the insert (which saw its key
+        // taken) and the lookup (which no longer finds it unfinished); such
+        // jobs go round again and are created this time.
+        for _round in 0..3 {
+            let todo: Vec<usize> = (0..new.len()).filter(|&i| results[i].is_none()).collect();
+            if todo.is_empty() {
+                break;
+            }
+            let rows: Vec<EnqueueRow> = todo.iter().map(|&i| EnqueueRow::new(&new[i])).collect();
+            let rows_json = serde_json::to_string(&rows).expect("enqueue rows serialize");
+            let keys: Vec<&str> = rows.iter().filter_map(|r| r.unique_key).collect();
+            let (inserted, holders) = with_conn!(self, c => c.write_tx(|c| {
+                let inserted = c.enqueue(&rows_json)?;
+                let holders = if keys.is_empty() {
+                    Vec::new()
+                } else {
+                    jobs::table
+                        .filter(jobs::unique_key.eq_any(&keys))
+                        .filter(jobs::state.eq_any(UNFINISHED))
+                        .select((jobs::id, jobs::unique_key, jobs::state))
+                        .load::<(i64, Option<String>, JobState)>(c)?
+                };
+                Ok((inserted, holders))
+            }))?;
+            assign_enqueued(&rows, &todo, inserted, holders, &mut results);
+        }
+        let queues: HashSet<&str> = new.iter().map(|j| j.queue.as_str()).collect();
+        for queue in queues {
+            self.wake.notify(queue);
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.ok_or_else(|| {
+                    super::Error::Conflict(
+                        "a unique key kept changing hands while enqueueing; try again".into(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Claims up to `limit` claimable jobs of `queue` for `worker`, in claim
+    /// order (priority, then `run_at`, then id). Each claimed job is `running`
+    /// with a new lease, a fresh heartbeat and a deadline of now + its timeout.
+    /// A paused queue yields nothing.
+    pub fn jobs_claim(&self, queue: &str, worker: &str, limit: usize) -> Result<Vec<Job>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut claimed = with_conn!(self, c => c.claim(queue, worker, limit)?);
+        claimed.sort_by_key(|j| (j.priority, j.run_at, j.id));
+        Ok(claimed)
+    }
+
+    /// Refreshes the heartbeat of every job still held under `leases`. Returns
+    /// the held ones with their `cancel_requested` flag; a lease missing from
+    /// the answer was lost (the job was rescued, or deleted).
+    pub fn jobs_heartbeat(&self, leases: &[Lease]) -> Result<Vec<(i64, bool)>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        with_conn!(self, c => c.heartbeat(leases))
+    }
+
+    /// Marks the jobs under `leases` completed and records a successful
+    /// attempt for each. Returns the ids completed; a lease that was lost
+    /// completes nothing.
+    pub fn jobs_complete(&self, leases: &[Lease]) -> Result<Vec<i64>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        with_conn!(self, c => c.complete(leases))
+    }
+
+    /// Records a failed attempt: the job goes to `retrying` (claimable after
+    /// `retry_in`) or, without `retry_in`, to `dead`; a job whose cancel was
+    /// requested goes to `cancelled` instead. Returns the new state, or `None`
+    /// when the lease was lost (nothing changed).
+    pub fn job_fail(&self, lease: Lease, failure: &Failure) -> Result<Option<JobState>> {
+        self.job_fail_inner(lease, failure, false)
+    }
+
+    /// [`Store::job_fail`] for a job taken back from a worker that stopped
+    /// answering or overran its deadline: the same, and it counts a rescue.
+    pub fn job_rescue(&self, lease: Lease, failure: &Failure) -> Result<Option<JobState>> {
+        self.job_fail_inner(lease, failure, true)
+    }
+
+    fn job_fail_inner(
+        &self,
+        lease: Lease,
+        failure: &Failure,
+        rescued: bool,
+    ) -> Result<Option<JobState>> {
+        let dead = failure.retry_in.is_none();
+        let target = if dead {
+            JobState::Dead
+        } else {
+            JobState::Retrying
+        };
+        let delay = failure.retry_in.map(millis).unwrap_or(0);
+        let error = cap_error(&failure.error);
+        with_conn!(self, c => c.write_tx(|c| {
+            let finished = sql::<Nullable<BigInt>>("CASE WHEN cancel_requested OR ")
+                .bind::<Bool, _>(dead)
+                .sql(&format!(" THEN {} END", now_sql(c)));
+            let row = diesel::update(fenced(lease.id, lease.lease_id))
+                .set((
+                    jobs::state.eq(sql::<Text>("CASE WHEN cancel_requested THEN 'cancelled' ELSE ")
+                        .bind::<Text, _>(target)
+                        .sql(" END")),
+                    jobs::run_at.eq(now_plus(c, delay)),
+                    jobs::finished_at.eq(finished),
+                    jobs::heartbeat_at.eq(None::<i64>),
+                    jobs::deadline_at.eq(None::<i64>),
+                    jobs::last_error.eq(&error),
+                    jobs::rescue_count.eq(jobs::rescue_count + i32::from(rescued)),
+                ))
+                .returning((jobs::state, jobs::attempt, jobs::locked_by, jobs::started_at))
+                .get_result::<(JobState, i32, Option<String>, Option<i64>)>(c)
+                .optional()?;
+            let Some((state, attempt, worker, started_at)) = row else {
+                return Ok(None);
+            };
+            let now = now(c);
+            diesel::insert_into(job_attempts::table)
+                .values((
+                    job_attempts::job_id.eq(lease.id),
+                    job_attempts::attempt.eq(attempt),
+                    job_attempts::worker.eq(worker.unwrap_or_default()),
+                    // A running job always has started_at (the claim sets it).
+                    job_attempts::started_at.eq(started_at.unwrap_or_default()),
+                    job_attempts::finished_at.eq(now),
+                    job_attempts::outcome.eq(failure.outcome),
+                    job_attempts::error.eq(&error),
+                ))
+                .execute(c)?;
+            Ok(Some(state))
+        }))
+    }
+
+    /// Puts a running job back to wait `delay` without counting the attempt.
+    /// Returns false when the lease was lost.
+    pub fn job_snooze(&self, lease: Lease, delay: Duration) -> Result<bool> {
+        with_conn!(self, c => {
+            let n = diesel::update(fenced(lease.id, lease.lease_id))
+                .set(unclaim(c, millis(delay)))
+                .execute(c)?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Gives running jobs back to the queue without counting their attempt
+    /// (graceful shutdown); a job whose cancel was requested is cancelled
+    /// instead. Returns how many were released.
+    pub fn jobs_release(&self, leases: &[Lease]) -> Result<usize> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let released = with_conn!(self, c => c.write_tx(|c| {
+            let mut released = Vec::new();
+            for lease in leases {
+                let queue = diesel::update(fenced(lease.id, lease.lease_id))
+                    .set(unclaim(c, 0))
+                    .returning(jobs::queue)
+                    .get_result::<String>(c)
+                    .optional()?;
+                released.extend(queue);
+            }
+            Ok(released)
+        }))?;
+        self.announce(released.iter().map(String::as_str))?;
+        Ok(released.len())
+    }
+
+    /// Cancels a job: a `queued` or `retrying` job becomes `cancelled`; for a
+    /// `running` job the cancel is requested and its worker sees it at the
+    /// next heartbeat (the answer is then `Applied(Running)`).
+    pub fn job_cancel(&self, id: i64) -> Result<Transition> {
+        let applied = with_conn!(self, c => {
+            let now = now(c);
+            let cancelled = diesel::update(
+                jobs::table
+                    .filter(jobs::id.eq(id))
+                    .filter(jobs::state.eq_any([JobState::Queued, JobState::Retrying])),
+            )
+            .set((jobs::state.eq(JobState::Cancelled), jobs::finished_at.eq(now.nullable())))
+            .execute(c)?;
+            if cancelled == 1 {
+                Some(JobState::Cancelled)
+            } else {
+                let requested = diesel::update(
+                    jobs::table.filter(jobs::id.eq(id)).filter(jobs::state.eq(JobState::Running)),
+                )
+                .set(jobs::cancel_requested.eq(true))
+                .execute(c)?;
+                (requested == 1).then_some(JobState::Running)
+            }
+        });
+        match applied {
+            Some(state) => Ok(Transition::Applied(state)),
+            None => self.refused_or_missing(id),
+        }
+    }
+
+    /// Retries a job now: a `dead`, `cancelled` or `retrying` job goes back to
+    /// `queued`, claimable at once, its attempt history kept. A job that has
+    /// used all its attempts gets one more.
+    pub fn job_retry(&self, id: i64) -> Result<Transition> {
+        let queue = with_conn!(self, c => {
+            let now = now(c);
+            diesel::update(jobs::table.filter(jobs::id.eq(id)).filter(jobs::state.eq_any([
+                JobState::Dead,
+                JobState::Cancelled,
+                JobState::Retrying,
+            ])))
+            .set((
+                jobs::state.eq(JobState::Queued),
+                jobs::run_at.eq(now),
+                jobs::finished_at.eq(None::<i64>),
+                jobs::cancel_requested.eq(false),
+                jobs::rescue_count.eq(0),
+                jobs::max_attempts.eq(sql::<Integer>(
+                    "CASE WHEN max_attempts > attempt THEN max_attempts ELSE attempt + 1 END",
+                )),
+            ))
+            .returning(jobs::queue)
+            .get_result::<String>(c)
+            .optional()?
+        });
+        match queue {
+            Some(queue) => {
+                self.announce([queue.as_str()])?;
+                Ok(Transition::Applied(JobState::Queued))
+            }
+            None => self.refused_or_missing(id),
+        }
+    }
+
+    /// Deletes a job and its attempts, unless it is running (cancel it first).
+    pub fn job_delete(&self, id: i64) -> Result<Transition> {
+        let deleted = with_conn!(self, c => diesel::delete(
+            jobs::table.filter(jobs::id.eq(id)).filter(jobs::state.ne(JobState::Running)),
+        )
+        .returning(jobs::state)
+        .get_result::<JobState>(c)
+        .optional()?);
+        match deleted {
+            Some(state) => Ok(Transition::Applied(state)),
+            None => self.refused_or_missing(id),
+        }
+    }
+
+    /// After a guarded update changed nothing: the job's state, or missing.
+    fn refused_or_missing(&self, id: i64) -> Result<Transition> {
+        let state = with_conn!(self, c => jobs::table
+            .find(id)
+            .select(jobs::state)
+            .first::<JobState>(c)
+            .optional()?);
+        Ok(state.map_or(Transition::Missing, Transition::Refused))
+    }
+
+    pub fn job_get(&self, id: i64) -> Result<Option<Job>> {
+        with_conn!(self, c => Ok(jobs::table
+            .find(id)
+            .select(Job::as_select())
+            .first(c)
+            .optional()?))
+    }
+
+    /// Every attempt of a job, oldest first.
+    pub fn job_attempts(&self, id: i64) -> Result<Vec<Attempt>> {
+        with_conn!(self, c => Ok(job_attempts::table
+            .filter(job_attempts::job_id.eq(id))
+            .order((job_attempts::attempt, job_attempts::id))
+            .select(Attempt::as_select())
+            .load(c)?))
+    }
+
+    /// Jobs matching `filter`, newest first.
+    pub fn jobs_list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        let limit = match filter.limit {
+            0 => 25,
+            n => n.clamp(1, 1000),
+        };
+        with_conn!(self, c => {
+            let mut query = jobs::table.select(Job::as_select()).into_boxed();
+            if !filter.states.is_empty() {
+                query = query.filter(jobs::state.eq_any(filter.states.clone()));
+            }
+            if let Some(queue) = &filter.queue {
+                query = query.filter(jobs::queue.eq(queue.clone()));
+            }
+            if let Some(kind) = &filter.kind {
+                query = query.filter(jobs::kind.eq(kind.clone()));
+            }
+            if let Some(before) = filter.before_id {
+                query = query.filter(jobs::id.lt(before));
+            }
+            Ok(query.order(jobs::id.desc()).limit(limit).load(c)?)
+        })
+    }
+
+    /// How many jobs each queue has in each state (absent pairs are zero).
+    pub fn jobs_count(&self) -> Result<Vec<QueueCount>> {
+        let rows = with_conn!(self, c => jobs::table
+            .group_by((jobs::queue, jobs::state))
+            .select((jobs::queue, jobs::state, count_star()))
+            .load::<(String, JobState, i64)>(c)?);
+        Ok(rows
+            .into_iter()
+            .map(|(queue, state, count)| QueueCount {
+                queue,
+                state,
+                count,
+            })
+            .collect())
+    }
+
+    /// Pauses or resumes a queue: workers claim nothing from a paused queue.
+    pub fn queue_set_paused(&self, name: &str, paused: bool) -> Result<()> {
+        with_conn!(self, c => {
+            let now = now(c);
+            diesel::insert_into(queues::table)
+                .values((queues::name.eq(name), queues::paused.eq(paused), queues::updated_at.eq(now)))
+                .on_conflict(queues::name)
+                .do_update()
+                .set((
+                    queues::paused.eq(diesel::upsert::excluded(queues::paused)),
+                    queues::updated_at.eq(diesel::upsert::excluded(queues::updated_at)),
+                ))
+                .execute(c)?;
+        });
+        if !paused {
+            self.announce([name])?;
+        }
+        Ok(())
+    }
+
+    /// Queues an operator has paused or resumed.
+    pub fn queues_list(&self) -> Result<Vec<QueueInfo>> {
+        with_conn!(self, c => Ok(queues::table
+            .order(queues::name)
+            .select(QueueInfo::as_select())
+            .load(c)?))
+    }
+
+    /// Tells workers, here and (on PostgreSQL) in other processes, that these
+    /// queues have claimable jobs.
+    fn announce<'q>(&self, queues: impl IntoIterator<Item = &'q str>) -> Result<()> {
+        let queues: HashSet<&str> = queues.into_iter().collect();
+        if let Pool::Postgres(pool) = &self.pool {
+            let c = &mut pool.get()?;
+            for queue in &queues {
+                diesel::sql_query("SELECT pg_notify($1, $2)")
+                    .bind::<Text, _>(NOTIFY_CHANNEL)
+                    .bind::<Text, _>(queue)
+                    .execute(c)?;
+            }
+        }
+        for queue in queues {
+            self.wake.notify(queue);
+        }
+        Ok(())
+    }
+}
+
+/// The columns a job gets when it leaves `running` without finishing its
+/// attempt (snooze, release): back to `queued` at now + `delay_ms`, the
+/// attempt not counted; `cancelled` if that was requested meanwhile.
+#[allow(clippy::type_complexity)]
+fn unclaim<C: Dialect>(
+    c: &C,
+    delay_ms: i64,
+) -> (
+    diesel::dsl::Eq<jobs::state, diesel::expression::SqlLiteral<Text>>,
+    diesel::dsl::Eq<jobs::attempt, diesel::dsl::Sub<jobs::attempt, i32>>,
+    diesel::dsl::Eq<jobs::run_at, NowPlus>,
+    diesel::dsl::Eq<jobs::finished_at, diesel::expression::SqlLiteral<Nullable<BigInt>>>,
+    diesel::dsl::Eq<jobs::locked_by, Option<String>>,
+    diesel::dsl::Eq<jobs::heartbeat_at, Option<i64>>,
+    diesel::dsl::Eq<jobs::deadline_at, Option<i64>>,
+) {
+    (
+        jobs::state.eq(sql::<Text>(
+            "CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END",
+        )),
+        jobs::attempt.eq(jobs::attempt - 1),
+        jobs::run_at.eq(now_plus(c, delay_ms)),
+        jobs::finished_at.eq(sql::<Nullable<BigInt>>(&format!(
+            "CASE WHEN cancel_requested THEN {} END",
+            C::NOW
+        ))),
+        jobs::locked_by.eq(None::<String>),
+        jobs::heartbeat_at.eq(None::<i64>),
+        jobs::deadline_at.eq(None::<i64>),
+    )
+}
+
+/// Matches inserted rows and existing unique-key holders to the input rows.
+fn assign_enqueued(
+    rows: &[EnqueueRow],
+    todo: &[usize],
+    mut inserted: Vec<InsertedRow>,
+    existing: Vec<(i64, Option<String>, JobState)>,
+    results: &mut [Option<Enqueued>],
+) {
+    // Ids come from a sequence in insertion order, and rows are inserted in
+    // input order, so sorted ids line up with the inputs that were inserted.
+    inserted.sort_by_key(|r| r.id);
+    let inserted_keys: HashSet<String> = inserted
+        .iter()
+        .filter_map(|r| r.unique_key.clone())
+        .collect();
+    let holders: HashMap<String, (i64, JobState)> = existing
+        .into_iter()
+        .filter_map(|(id, key, state)| key.map(|k| (k, (id, state))))
+        .collect();
+    let mut ids = inserted.into_iter().map(|r| r.id);
+    let mut keys_taken: HashSet<&str> = HashSet::new();
+    for (row, &index) in rows.iter().zip(todo) {
+        let was_inserted = match row.unique_key {
+            None => true,
+            Some(key) => keys_taken.insert(key) && inserted_keys.contains(key),
+        };
+        results[index] = if was_inserted {
+            ids.next().map(|id| Enqueued {
+                id,
+                state: JobState::Queued,
+                created: true,
+            })
+        } else {
+            row.unique_key
+                .and_then(|key| holders.get(key))
+                .map(|&(id, state)| Enqueued {
+                    id,
+                    state,
+                    created: false,
+                })
+        };
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backend differences: the hot-path statements.
+//
+// PostgreSQL: one statement per batch. The claim must use FOR UPDATE SKIP
+// LOCKED: under READ COMMITTED a plain `UPDATE … WHERE id IN (SELECT … LIMIT
+// n)` lets concurrent claimers pick the same rows. Batches travel as arrays
+// or one JSON parameter, so the SQL text never depends on the batch size.
+//
+// SQLite: there is one writer at a time (BEGIN IMMEDIATE) and no network, so
+// SKIP LOCKED is neither available nor needed, and a loop of single-row
+// statements inside one transaction costs no round trips.
+// ---------------------------------------------------------------------------
+
+/// The statements whose SQL differs between the backends.
+trait JobSql: Dialect {
+    /// Inserts the jobs of a JSON array of [`EnqueueRow`]s, skipping those
+    /// whose unique key is held, and announces the due ones.
+    fn enqueue(&mut self, rows_json: &str) -> Result<Vec<InsertedRow>>;
+    fn claim(&mut self, queue: &str, worker: &str, limit: i64) -> Result<Vec<Job>>;
+    fn heartbeat(&mut self, leases: &[Lease]) -> Result<Vec<(i64, bool)>>;
+    fn complete(&mut self, leases: &[Lease]) -> Result<Vec<i64>>;
+}
+
+fn lease_arrays(leases: &[Lease]) -> (Vec<i64>, Vec<i64>) {
+    leases.iter().map(|l| (l.id, l.lease_id)).unzip()
+}
+
+impl JobSql for PgConnection {
+    fn enqueue(&mut self, rows_json: &str) -> Result<Vec<InsertedRow>> {
+        // ORDER BY ord: ids are drawn in insertion order (see
+        // `assign_enqueued`). The `woken` CTE sends one NOTIFY per queue with
+        // due jobs, delivered when the transaction commits; the cross join
+        // makes PostgreSQL evaluate it.
+        const SQL: &str = concat!(
+            "WITH input AS (
+                SELECT e.j, e.ord FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(j, ord)
+            ), inserted AS (
+                INSERT INTO jobs (queue, kind, args, state, priority, max_attempts, timeout_ms,
+                                  run_at, created_at, unique_key)
+                SELECT j->>'queue', j->>'kind', j->>'args', 'queued', (j->>'priority')::INTEGER,
+                       (j->>'max_attempts')::INTEGER, (j->>'timeout_ms')::BIGINT,
+                       COALESCE((j->>'run_at')::BIGINT, ",
+            pg_now!(),
+            " + (j->>'delay_ms')::BIGINT),
+                       ",
+            pg_now!(),
+            ", j->>'unique_key'
+                FROM input ORDER BY ord
+                ON CONFLICT (unique_key)
+                    WHERE unique_key IS NOT NULL AND state IN ('queued', 'running', 'retrying')
+                    DO NOTHING
+                RETURNING id, unique_key, queue, run_at
+            ), woken AS (
+                SELECT pg_notify('errand_jobs', queue)
+                FROM (SELECT DISTINCT queue FROM inserted WHERE run_at <= ",
+            pg_now!(),
+            ") due
+            )
+            SELECT id, unique_key FROM inserted CROSS JOIN (SELECT count(*) FROM woken) AS w"
+        );
+        Ok(diesel::sql_query(SQL)
+            .bind::<Text, _>(rows_json)
+            .load(self)?)
+    }
+
+    fn claim(&mut self, queue: &str, worker: &str, limit: i64) -> Result<Vec<Job>> {
+        const SQL: &str = concat!(
+            "WITH clock AS MATERIALIZED (SELECT ",
+            pg_now!(),
+            " AS now),
+            next AS (
+                SELECT jobs.id FROM jobs, clock
+                WHERE jobs.queue = $1 AND jobs.state IN ('queued', 'retrying')
+                  AND jobs.run_at <= clock.now
+                  AND NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = $1 AND queues.paused)
+                ORDER BY jobs.priority, jobs.run_at, jobs.id
+                LIMIT $2
+                FOR UPDATE OF jobs SKIP LOCKED
+            )
+            UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1,
+                lease_id = jobs.lease_id + 1, locked_by = $3, started_at = clock.now,
+                heartbeat_at = clock.now, deadline_at = clock.now + jobs.timeout_ms,
+                finished_at = NULL
+            FROM next, clock
+            WHERE jobs.id = next.id
+            RETURNING jobs.*"
+        );
+        Ok(diesel::sql_query(SQL)
+            .bind::<Text, _>(queue)
+            .bind::<BigInt, _>(limit)
+            .bind::<Text, _>(worker)
+            .load(self)?)
+    }
+
+    fn heartbeat(&mut self, leases: &[Lease]) -> Result<Vec<(i64, bool)>> {
+        const SQL: &str = concat!(
+            "UPDATE jobs SET heartbeat_at = ",
+            pg_now!(),
+            "
+            FROM unnest($1::BIGINT[], $2::BIGINT[]) AS held(id, lease_id)
+            WHERE jobs.id = held.id AND jobs.lease_id = held.lease_id AND jobs.state = 'running'
+            RETURNING jobs.id, jobs.cancel_requested"
+        );
+        let (ids, lease_ids) = lease_arrays(leases);
+        let rows: Vec<HeldRow> = diesel::sql_query(SQL)
+            .bind::<Array<BigInt>, _>(ids)
+            .bind::<Array<BigInt>, _>(lease_ids)
+            .load(self)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.id, r.cancel_requested))
+            .collect())
+    }
+
+    fn complete(&mut self, leases: &[Lease]) -> Result<Vec<i64>> {
+        // The attempt rows are written by a data-modifying CTE, which runs
+        // whether or not the outer SELECT reads it.
+        const SQL: &str = concat!(
+            "WITH done AS (
+                UPDATE jobs SET state = 'completed', finished_at = ",
+            pg_now!(),
+            "
+                FROM unnest($1::BIGINT[], $2::BIGINT[]) AS held(id, lease_id)
+                WHERE jobs.id = held.id AND jobs.lease_id = held.lease_id
+                  AND jobs.state = 'running'
+                RETURNING jobs.id, jobs.attempt, jobs.locked_by, jobs.started_at, jobs.finished_at
+            ), recorded AS (
+                INSERT INTO job_attempts (job_id, attempt, worker, started_at, finished_at, outcome)
+                SELECT id, attempt, COALESCE(locked_by, ''), COALESCE(started_at, finished_at),
+                       finished_at, 'completed'
+                FROM done
+            )
+            SELECT id FROM done"
+        );
+        let (ids, lease_ids) = lease_arrays(leases);
+        let rows: Vec<IdRow> = diesel::sql_query(SQL)
+            .bind::<Array<BigInt>, _>(ids)
+            .bind::<Array<BigInt>, _>(lease_ids)
+            .load(self)?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
+    }
+}
+
+impl JobSql for SqliteConnection {
+    fn enqueue(&mut self, rows_json: &str) -> Result<Vec<InsertedRow>> {
+        // `WHERE true` resolves SQLite's parsing ambiguity between a join
+        // constraint and the upsert's ON CONFLICT after INSERT … SELECT.
+        const SQL: &str = concat!(
+            "INSERT INTO jobs (queue, kind, args, state, priority, max_attempts, timeout_ms,
+                               run_at, created_at, unique_key)
+            SELECT value->>'queue', value->>'kind', value->>'args', 'queued',
+                   value->>'priority', value->>'max_attempts', value->>'timeout_ms',
+                   COALESCE(value->>'run_at', ",
+            sqlite_now!(),
+            " + value->>'delay_ms'),
+                   ",
+            sqlite_now!(),
+            ", value->>'unique_key'
+            FROM json_each(?) WHERE true ORDER BY key
+            ON CONFLICT (unique_key)
+                WHERE unique_key IS NOT NULL AND state IN ('queued', 'running', 'retrying')
+                DO NOTHING
+            RETURNING id, unique_key"
+        );
+        Ok(diesel::sql_query(SQL)
+            .bind::<Text, _>(rows_json)
+            .load(self)?)
+    }
+
+    fn claim(&mut self, queue: &str, worker: &str, limit: i64) -> Result<Vec<Job>> {
+        const SQL: &str = concat!(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_id = lease_id + 1,
+                locked_by = ?, started_at = ",
+            sqlite_now!(),
+            ", heartbeat_at = ",
+            sqlite_now!(),
+            ",
+                deadline_at = ",
+            sqlite_now!(),
+            " + timeout_ms, finished_at = NULL
+            WHERE id IN (
+                SELECT id FROM jobs
+                WHERE queue = ? AND state IN ('queued', 'retrying') AND run_at <= ",
+            sqlite_now!(),
+            "
+                  AND NOT EXISTS (SELECT 1 FROM queues WHERE name = ? AND paused)
+                ORDER BY priority, run_at, id
+                LIMIT ?)
+            RETURNING *"
+        );
+        self.write_tx(|c| {
+            Ok(diesel::sql_query(SQL)
+                .bind::<Text, _>(worker)
+                .bind::<Text, _>(queue)
+                .bind::<Text, _>(queue)
+                .bind::<BigInt, _>(limit)
+                .load(c)?)
+        })
+    }
+
+    fn heartbeat(&mut self, leases: &[Lease]) -> Result<Vec<(i64, bool)>> {
+        self.write_tx(|c| {
+            let mut held = Vec::with_capacity(leases.len());
+            for lease in leases {
+                let now = now(c);
+                let cancel = diesel::update(fenced(lease.id, lease.lease_id))
+                    .set(jobs::heartbeat_at.eq(now.nullable()))
+                    .returning(jobs::cancel_requested)
+                    .get_result::<bool>(c)
+                    .optional()?;
+                held.extend(cancel.map(|cancel| (lease.id, cancel)));
+            }
+            Ok(held)
+        })
+    }
+
+    fn complete(&mut self, leases: &[Lease]) -> Result<Vec<i64>> {
+        self.write_tx(|c| {
+            let mut completed = Vec::with_capacity(leases.len());
+            for lease in leases {
+                let now = now(c);
+                let row = diesel::update(fenced(lease.id, lease.lease_id))
+                    .set((
+                        jobs::state.eq(JobState::Completed),
+                        jobs::finished_at.eq(now.nullable()),
+                    ))
+                    .returning((
+                        jobs::attempt,
+                        jobs::locked_by,
+                        jobs::started_at,
+                        jobs::finished_at,
+                    ))
+                    .get_result::<(i32, Option<String>, Option<i64>, Option<i64>)>(c)
+                    .optional()?;
+                let Some((attempt, worker, started_at, finished_at)) = row else {
+                    continue;
+                };
+                let finished_at = finished_at.unwrap_or_default();
+                diesel::insert_into(job_attempts::table)
+                    .values((
+                        job_attempts::job_id.eq(lease.id),
+                        job_attempts::attempt.eq(attempt),
+                        job_attempts::worker.eq(worker.unwrap_or_default()),
+                        job_attempts::started_at.eq(started_at.unwrap_or(finished_at)),
+                        job_attempts::finished_at.eq(finished_at),
+                        job_attempts::outcome.eq(AttemptOutcome::Completed),
+                    ))
+                    .execute(c)?;
+                completed.push(lease.id);
+            }
+            Ok(completed)
+        })
+    }
+}

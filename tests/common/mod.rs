@@ -1,0 +1,170 @@
+//! Shared test support: a fresh database per test on either backend, and
+//! waiting on conditions with a deadline.
+//!
+//! PostgreSQL tests create a database on the server at
+//! `ERRAND_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
+//! and drop it afterwards. If that server is unreachable they fail: they
+//! never pass by skipping. Run only the SQLite half with `cargo test sqlite`.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use diesel::{Connection, PgConnection, RunQueryDsl};
+use errand::store::{Store, StoreOptions};
+
+pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A freshly created and migrated database, dropped with the value.
+pub struct TestDb {
+    pub store: Store,
+    pub url: String,
+    pub backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = dir.path().join("errand.db").display().to_string();
+                let store = Store::open_and_migrate(&url, &StoreOptions::default())
+                    .expect("open SQLite test database");
+                TestDb {
+                    store,
+                    url,
+                    backend,
+                    _dir: Some(dir),
+                    pg: None,
+                }
+            }
+            Backend::Postgres => {
+                let admin = pg_admin_url();
+                static COUNTER: AtomicU32 = AtomicU32::new(0);
+                let name = format!(
+                    "errand_test_{}_{}_{}",
+                    std::process::id(),
+                    COUNTER.fetch_add(1, Ordering::SeqCst),
+                    &uuid::Uuid::new_v4().simple().to_string()[..6]
+                );
+                let mut conn = PgConnection::establish(&admin).unwrap_or_else(|e| {
+                    panic!(
+                        "PostgreSQL at {admin} is unreachable ({e}). Start it, or point \
+                         ERRAND_TEST_POSTGRES_URL at one; run only the SQLite tests with \
+                         `cargo test sqlite`."
+                    )
+                });
+                diesel::sql_query(format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .expect("create test database");
+                let url = with_database(&admin, &name);
+                let store = Store::open_and_migrate(&url, &StoreOptions::default())
+                    .expect("open PostgreSQL test database");
+                TestDb {
+                    store,
+                    url,
+                    backend,
+                    _dir: None,
+                    pg: Some((admin, name)),
+                }
+            }
+        }
+    }
+
+    /// Another store on the same database: its own pool and its own
+    /// in-process wake-ups, like another process.
+    pub fn other_store(&self) -> Store {
+        Store::open(&self.url, &StoreOptions::default()).expect("second store")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = &self.pg {
+            if let Ok(mut conn) = PgConnection::establish(admin) {
+                let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn);
+            }
+        }
+    }
+}
+
+pub fn pg_admin_url() -> String {
+    std::env::var("ERRAND_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string())
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let after_scheme = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let root = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{root}/{name}?{q}"),
+        None => format!("{root}/{name}"),
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `within`.
+pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Generates `sqlite::NAME` and `postgres::NAME` tests for each listed
+/// `fn NAME(db: &TestDb)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(&$crate::common::TestDb::new($crate::common::Backend::Sqlite));
+            })+
+        }
+        mod postgres {
+            $(#[test]
+            fn $name() {
+                super::$name(&$crate::common::TestDb::new($crate::common::Backend::Postgres));
+            })+
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_names_are_swapped_in_urls() {
+        assert_eq!(
+            super::with_database("postgres://u@h:5432/postgres?sslmode=disable", "x"),
+            "postgres://u@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(
+            super::with_database("postgres://u@h", "x"),
+            "postgres://u@h/x"
+        );
+    }
+}
