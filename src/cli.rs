@@ -219,8 +219,10 @@ pub fn run(mut registry: Registry) -> ExitCode {
 fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -356,7 +358,10 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
     } else {
         None
     };
-    info!(bind = %args.bind, "listening on http://{}", args.bind);
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| args.bind.clone(), |a| a.to_string());
+    info!("listening on http://{address}");
     let served = actix_web::rt::System::new().block_on(crate::web::serve(
         store.clone(),
         listener,

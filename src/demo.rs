@@ -76,19 +76,19 @@ fn demo_batch(tick: u64, queue: &str) -> Vec<NewJob> {
         NewJob::new("noop", json!({"demo": tick})).priority(1),
         NewJob::new("sleep", json!({"ms": 200 + (tick * 397) % 2800})),
     ];
-    if tick % 3 == 0 {
+    if tick.is_multiple_of(3) {
         jobs.push(NewJob::new(
             "fail",
             json!({"message": "upstream timed out (transient; succeeds on retry)", "times": 1}),
         ));
     }
-    if tick % 5 == 0 {
+    if tick.is_multiple_of(5) {
         jobs.push(NewJob::new(
             "fail",
             json!({"message": format!("invalid recipient address for order {}", 1000 + tick), "permanent": true}),
         ));
     }
-    if tick % 7 == 0 {
+    if tick.is_multiple_of(7) {
         jobs.push(
             NewJob::new(
                 "fail",
@@ -97,7 +97,7 @@ fn demo_batch(tick: u64, queue: &str) -> Vec<NewJob> {
             .max_attempts(2),
         );
     }
-    if tick % 10 == 0 {
+    if tick.is_multiple_of(10) {
         jobs.push(NewJob::new("noop", json!({"scheduled": true})).delay(Duration::from_secs(30)));
     }
     jobs.into_iter().map(|j| j.queue(queue)).collect()

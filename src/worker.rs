@@ -570,6 +570,9 @@ fn complete_loop(shared: &Shared, rx: Receiver<Finished>, stop: Receiver<()>) ->
     let mut report = ShutdownReport::default();
     let mut pending: Vec<Finished> = Vec::new();
     let mut stopping = false;
+    // Once shutdown asks for the last results, a database outage is waited
+    // out this long; after that the unrecorded jobs are left to the rescuer.
+    let mut give_up_at = None;
     let mut failures: u32 = 0;
     loop {
         if pending.is_empty() {
@@ -591,6 +594,7 @@ fn complete_loop(shared: &Shared, rx: Receiver<Finished>, stop: Receiver<()>) ->
         if let Some(at) = pending.iter().position(|f| matches!(f, Finished::Stop)) {
             pending.remove(at);
             stopping = true;
+            give_up_at = Some(Instant::now() + Duration::from_secs(10));
         }
         match record(shared, &pending, &mut report) {
             Ok(()) => {
@@ -603,19 +607,20 @@ fn complete_loop(shared: &Shared, rx: Receiver<Finished>, stop: Receiver<()>) ->
                 shared.held_cv.notify_all();
             }
             Err(e) => {
-                failures += 1;
-                let pause = Duration::from_millis(100 * (1 << failures.min(8)));
-                warn!(error = %e, pending = pending.len(), retry_in = ?pause, "recording job results failed; will retry");
-                // Wait without sleeping through a shutdown that gives up.
-                if let Err(RecvTimeoutError::Disconnected) = stop.recv_timeout(pause) {
-                    if stopping {
-                        warn!(
-                            pending = pending.len(),
-                            "giving up on unrecorded results: their jobs will be rescued"
-                        );
-                        return report;
-                    }
+                if give_up_at.is_some_and(|at| Instant::now() >= at) {
+                    warn!(
+                        error = %e,
+                        pending = pending.len(),
+                        "giving up on unrecorded results at shutdown: the leader will rescue \
+                         their jobs once their heartbeats go stale"
+                    );
+                    return report;
                 }
+                failures += 1;
+                let pause = Duration::from_millis(100 * (1 << failures.min(5)));
+                warn!(error = %e, pending = pending.len(), retry_in = ?pause, "recording job results failed; will retry");
+                // A pause, not a sleep: `stop` never carries a message.
+                let _ = stop.recv_timeout(pause);
             }
         }
     }
@@ -815,6 +820,9 @@ fn listen(shared: &Shared, url: &str) -> Result<(), postgres::Error> {
     client.batch_execute(&format!("LISTEN {}", crate::store::NOTIFY_CHANNEL))?;
     debug!("listening for new jobs");
     let wake = shared.store.wake();
+    // Jobs announced while we were not yet (or no longer) listening would
+    // otherwise wait for the next poll: look now.
+    wake.interrupt();
     while !shared.stopping.load(Ordering::SeqCst) {
         let mut notifications = client.notifications();
         let mut arrived = notifications.timeout_iter(Duration::from_millis(500));

@@ -168,6 +168,10 @@ impl Store {
     /// job's id. A job whose `unique_key` is held by an unfinished job is not
     /// created: the existing job is returned with `created: false`. When this
     /// returns `Ok`, every job is committed.
+    ///
+    /// Unset `max_attempts` and `timeout` get the global defaults (25, 5
+    /// minutes); pass jobs through [`crate::Registry::prepare`] first to apply
+    /// their kind's defaults.
     pub fn jobs_enqueue(&self, new: &[NewJob]) -> Result<Vec<Enqueued>> {
         if new.is_empty() {
             return Ok(Vec::new());
