@@ -228,11 +228,16 @@ fn init_logging(default: &str) {
 }
 
 fn dispatch(cli: Cli, registry: Registry) -> Result<(), CliError> {
-    let store = open_store(&cli)?;
+    let (store, applied) = open_store(&cli)?;
     match cli.command {
         Command::Migrate => {
-            // open_store has migrated; say what it found.
-            println!("database {} is up to date", store::redact(store.url()));
+            let shown = store::redact(store.url());
+            if applied.is_empty() {
+                println!("database {shown} is up to date");
+            }
+            for name in applied {
+                println!("applied migration {name} to {shown}");
+            }
             Ok(())
         }
         Command::Enqueue(args) => enqueue(&store, &registry, args),
@@ -250,7 +255,8 @@ fn dispatch(cli: Cli, registry: Registry) -> Result<(), CliError> {
     }
 }
 
-fn open_store(cli: &Cli) -> Result<Store, CliError> {
+/// Opens and migrates the database; returns the migrations applied.
+fn open_store(cli: &Cli) -> Result<(Store, Vec<String>), CliError> {
     let options = StoreOptions {
         pool_size: cli.pool_size,
         sqlite_sync: match cli.sqlite_synchronous {
@@ -274,7 +280,7 @@ fn open_store(cli: &Cli) -> Result<Store, CliError> {
         info!(migration = %name, "applied migration");
     }
     info!(database = %shown, backend = store.backend().as_str(), "database ready");
-    Ok(store)
+    Ok((store, applied))
 }
 
 fn enqueue(store: &Store, registry: &Registry, args: EnqueueArgs) -> Result<(), CliError> {

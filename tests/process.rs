@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Backend, TestDb, wait_for};
+use common::{TestDb, wait_for, wait_state};
 use errand::store::{AttemptOutcome, JobFilter, JobState, NewJob};
 use serde_json::json;
 
@@ -35,8 +35,14 @@ struct Proc {
 
 impl Proc {
     fn start(db_url: &str, args: &[&str]) -> Proc {
-        let mut child = errand_cmd(db_url)
-            .args(args)
+        let mut cmd = errand_cmd(db_url);
+        cmd.args(args);
+        Proc::spawn(cmd)
+    }
+
+    /// Starts `cmd`, collecting its stderr lines.
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -246,12 +252,7 @@ fn sigterm_releases_the_running_job_and_exits_cleanly(db: &TestDb) {
         .unwrap()
         .id;
     let mut worker = Proc::start(&db.url, &["work", "--shutdown-grace=300ms"]);
-    wait_for("the job to run", WAIT, || {
-        db.store
-            .job_get(id)
-            .unwrap()
-            .filter(|j| j.state == JobState::Running)
-    });
+    wait_state(&db.store, id, JobState::Running, WAIT);
     worker.signal("-TERM");
     assert!(worker.wait_exit().success());
     let j = db.store.job_get(id).unwrap().unwrap();
@@ -289,12 +290,7 @@ fn serve_answers_healthz_and_runs_what_the_cli_enqueues(db: &TestDb) {
     );
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = printed["id"].as_i64().unwrap();
-    wait_for("the job to complete", WAIT, || {
-        db.store
-            .job_get(id)
-            .unwrap()
-            .filter(|j| j.state == JobState::Completed)
-    });
+    wait_state(&db.store, id, JobState::Completed, WAIT);
     server.signal("-INT");
     assert!(server.wait_exit().success());
 }
@@ -314,20 +310,8 @@ fn serve_with_no_options_creates_errand_db_in_the_current_directory() {
         // Port 0: the one setting a test cannot leave at its default.
         .env("ERRAND_BIND", "127.0.0.1:0")
         .current_dir(dir.path())
-        .arg("serve")
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let mut server = Proc {
-        child,
-        stderr: Arc::default(),
-    };
-    let pipe = server.child.stderr.take().unwrap();
-    let lines = server.stderr.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            lines.lock().unwrap().push(line);
-        }
-    });
+        .arg("serve");
+    let mut server = Proc::spawn(cmd);
     server.log_line("listening on http://");
     assert!(dir.path().join("errand.db").exists());
     server.signal("-TERM");
@@ -414,6 +398,3 @@ fn an_unreachable_postgres_is_an_error_that_says_what_to_check() {
     assert!(err.contains("cannot reach the database"), "{err}");
     assert!(err.contains("--database-url"), "{err}");
 }
-
-#[allow(dead_code)]
-fn unused(_: Backend) {}

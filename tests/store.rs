@@ -757,6 +757,35 @@ fn the_database_clock_is_epoch_milliseconds(db: &TestDb) {
     );
 }
 
+fn processes_starting_together_on_a_fresh_database_migrate_it_once(backend: common::Backend) {
+    let db = TestDb::unmigrated(backend);
+    let starters = 4;
+    let barrier = Arc::new(Barrier::new(starters));
+    let handles: Vec<_> = (0..starters)
+        .map(|_| {
+            let (url, barrier) = (db.url.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let store =
+                    errand::Store::open(&url, &errand::store::StoreOptions::default()).unwrap();
+                store.migrate().map(|applied| applied.len())
+            })
+        })
+        .collect();
+    let applied: Vec<usize> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().expect("migration succeeds"))
+        .collect();
+    assert_eq!(
+        applied.iter().sum::<usize>(),
+        1,
+        "one starter applied the migration: {applied:?}"
+    );
+    assert!(db.store.job_enqueue(&job("noop")).is_ok());
+}
+
+on_both_backends_raw!(processes_starting_together_on_a_fresh_database_migrate_it_once);
+
 on_both_backends!(
     enqueued_job_is_stored_queued_with_defaults,
     a_batch_is_enqueued_in_input_order,

@@ -42,9 +42,7 @@ fn stop(worker: Worker) {
 }
 
 fn wait_state(store: &Store, id: i64, state: JobState) -> errand::Job {
-    wait_for(&format!("job {id} to be {state}"), WAIT, || {
-        store.job_get(id).unwrap().filter(|j| j.state == state)
-    })
+    common::wait_state(store, id, state, WAIT)
 }
 
 fn enqueue(store: &Store, job: NewJob) -> i64 {

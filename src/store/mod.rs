@@ -75,6 +75,8 @@ pub use types::{
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+/// The advisory lock key held while migrating PostgreSQL ("errand" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6572_7261_6e64;
 
 /// What can go wrong talking to the database.
 #[derive(Debug, thiserror::Error)]
@@ -358,9 +360,16 @@ impl Store {
         match &self.pool {
             Pool::Postgres(pool) => {
                 let mut conn = pool.get()?;
-                conn.run_pending_migrations(PG_MIGRATIONS)
-                    .map(to_names)
-                    .map_err(|e| Error::Migration(e.to_string()))
+                // Processes starting together on a fresh database would race
+                // to create the same tables: one migrates, the others wait.
+                conn.transaction(|c| {
+                    diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+                        .bind::<BigInt, _>(MIGRATION_LOCK)
+                        .execute(c)?;
+                    c.run_pending_migrations(PG_MIGRATIONS)
+                        .map(to_names)
+                        .map_err(|e| Error::Migration(e.to_string()))
+                })
             }
             Pool::Sqlite(pool) => {
                 let mut conn = pool.get()?;

@@ -33,12 +33,27 @@ pub struct TestDb {
 
 impl TestDb {
     pub fn new(backend: Backend) -> TestDb {
+        TestDb::create(backend, true)
+    }
+
+    /// A fresh database with no tables yet (its `store` is not migrated).
+    pub fn unmigrated(backend: Backend) -> TestDb {
+        TestDb::create(backend, false)
+    }
+
+    fn create(backend: Backend, migrate: bool) -> TestDb {
+        let open = |url: &str| {
+            let store = Store::open(url, &StoreOptions::default()).expect("open test database");
+            if migrate {
+                store.migrate().expect("migrate test database");
+            }
+            store
+        };
         match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = dir.path().join("errand.db").display().to_string();
-                let store = Store::open_and_migrate(&url, &StoreOptions::default())
-                    .expect("open SQLite test database");
+                let store = open(&url);
                 TestDb {
                     store,
                     url,
@@ -67,8 +82,7 @@ impl TestDb {
                     .execute(&mut conn)
                     .expect("create test database");
                 let url = with_database(&admin, &name);
-                let store = Store::open_and_migrate(&url, &StoreOptions::default())
-                    .expect("open PostgreSQL test database");
+                let store = open(&url);
                 TestDb {
                     store,
                     url,
@@ -132,6 +146,38 @@ pub fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Opti
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits for job `id` to reach `state`, and returns it.
+pub fn wait_state(
+    store: &Store,
+    id: i64,
+    state: errand::JobState,
+    within: Duration,
+) -> errand::Job {
+    wait_for(&format!("job {id} to be {state}"), within, || {
+        store.job_get(id).unwrap().filter(|j| j.state == state)
+    })
+}
+
+/// Generates `sqlite::NAME` and `postgres::NAME` tests for each listed
+/// `fn NAME(backend: Backend)`, for tests that make their own databases.
+#[macro_export]
+macro_rules! on_both_backends_raw {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite_raw {
+            $(#[test]
+            fn $name() {
+                super::$name($crate::common::Backend::Sqlite);
+            })+
+        }
+        mod postgres_raw {
+            $(#[test]
+            fn $name() {
+                super::$name($crate::common::Backend::Postgres);
+            })+
+        }
+    };
 }
 
 /// Generates `sqlite::NAME` and `postgres::NAME` tests for each listed
