@@ -210,8 +210,8 @@ impl Shared {
     }
 }
 
-/// A running pool of workers. Dropping it without [`Worker::shutdown`] leaves
-/// its jobs to be rescued once their heartbeats go stale.
+/// A running pool of workers. Stop it with [`Worker::shutdown`]; dropping it
+/// stops it too, with no grace period (running jobs are released at once).
 pub struct Worker {
     shared: Arc<Shared>,
     fetchers: Vec<JoinHandle<()>>,
@@ -328,6 +328,13 @@ impl Worker {
     /// `hurry` reaches [`Stage::Hurry`]), releases what is left without
     /// spending an attempt, and deregisters the process.
     pub fn shutdown(mut self, grace: Duration, hurry: &Shutdown) -> ShutdownReport {
+        self.stop(grace, hurry)
+    }
+
+    fn stop(&mut self, grace: Duration, hurry: &Shutdown) -> ShutdownReport {
+        if self.completer.is_none() {
+            return ShutdownReport::default();
+        }
         let shared = self.shared.clone();
         shared.stopping.store(true, Ordering::SeqCst);
         shared.store.wake().interrupt();
@@ -392,6 +399,12 @@ impl Worker {
             "worker stopped"
         );
         report
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO, &Shutdown::new());
     }
 }
 
