@@ -14,8 +14,10 @@ use tracing::info;
 
 use crate::job::{Backoff, Registry};
 use crate::maintenance::{Maintenance, MaintenanceConfig};
+use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, Stage};
 use crate::store::{self, NewJob, Retention, SqliteSync, Store, StoreOptions};
+use crate::web::{AppState, WebConfig};
 use crate::worker::{QueueSpec, Worker, WorkerConfig, parse_queues};
 
 /// errand: background jobs you can see into.
@@ -36,6 +38,10 @@ struct Cli {
         global = true
     )]
     database_url: String,
+
+    /// How long to keep trying to reach the database before giving up.
+    #[arg(long, env = "ERRAND_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    connect_timeout: Duration,
 
     /// Most database connections this process opens.
     #[arg(long, env = "ERRAND_POOL_SIZE", default_value_t = 10, global = true)]
@@ -72,9 +78,32 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on. Anything but loopback needs --api-token.
     #[arg(long, env = "ERRAND_BIND", default_value = "127.0.0.1:8080")]
     bind: String,
+
+    /// Bearer token for the API and /metrics; repeat the flag (or separate
+    /// with commas in the variable) to accept several, e.g. while rotating.
+    /// Without one the API answers on a loopback address only.
+    #[arg(
+        long = "api-token",
+        env = "ERRAND_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_tokens: Vec<String>,
+
+    /// Largest request body accepted by the API, in bytes.
+    #[arg(long, env = "ERRAND_BODY_LIMIT", default_value_t = 4 * 1024 * 1024)]
+    body_limit: usize,
+
+    /// Most jobs in one POST /api/jobs/batch.
+    #[arg(long, env = "ERRAND_BATCH_MAX", default_value_t = 1000)]
+    batch_max: usize,
+
+    /// How long an Idempotency-Key is remembered.
+    #[arg(long, env = "ERRAND_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    idempotency_ttl: Duration,
 
     /// Enqueue a mix of demo jobs every 2 s (successes, slow jobs, transient
     /// and permanent failures), to see every state within a minute.
@@ -246,7 +275,7 @@ fn dispatch(cli: Cli, registry: Registry) -> Result<(), CliError> {
             shutdown
                 .on_signals()
                 .map_err(|e| CliError(format!("cannot handle signals: {e}")))?;
-            let running = Running::start(&store, registry, &run)?;
+            let running = Running::start(&store, registry, &run, Metrics::new())?;
             shutdown.wait_for(Stage::Draining, None);
             running.stop(&run, &shutdown);
             Ok(())
@@ -259,6 +288,7 @@ fn dispatch(cli: Cli, registry: Registry) -> Result<(), CliError> {
 fn open_store(cli: &Cli) -> Result<(Store, Vec<String>), CliError> {
     let options = StoreOptions {
         pool_size: cli.pool_size,
+        connect_timeout: cli.connect_timeout,
         sqlite_sync: match cli.sqlite_synchronous {
             Synchronous::Full => SqliteSync::Full,
             Synchronous::Normal => SqliteSync::Normal,
@@ -337,6 +367,17 @@ fn enqueue(store: &Store, registry: &Registry, args: EnqueueArgs) -> Result<(), 
 }
 
 fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliError> {
+    let web_config = WebConfig {
+        api_tokens: args
+            .api_tokens
+            .iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect(),
+        body_limit: args.body_limit,
+        batch_max: args.batch_max,
+        idempotency_ttl: args.idempotency_ttl,
+    };
     // Bind before starting workers, so that a taken port fails fast.
     let listener = TcpListener::bind(&args.bind).map_err(|e| {
         CliError(format!(
@@ -344,11 +385,16 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
             args.bind
         ))
     })?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| CliError(format!("cannot read the bound address: {e}")))?;
+    crate::web::check_exposure(address, &web_config).map_err(CliError)?;
     let shutdown = Shutdown::new();
     shutdown
         .on_signals()
         .map_err(|e| CliError(format!("cannot handle signals: {e}")))?;
-    let running = Running::start(&store, registry, &args.run)?;
+    let metrics = Metrics::new();
+    let running = Running::start(&store, registry, &args.run, metrics.clone())?;
     let demo = if args.demo {
         let queue = args.run.queues.0[0].name.clone();
         info!(queue = %queue, "demo: enqueueing a mix of jobs every 2 s");
@@ -364,15 +410,10 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
     } else {
         None
     };
-    let address = listener
-        .local_addr()
-        .map_or_else(|_| args.bind.clone(), |a| a.to_string());
     info!("listening on http://{address}");
-    let served = actix_web::rt::System::new().block_on(crate::web::serve(
-        store.clone(),
-        listener,
-        shutdown.clone(),
-    ));
+    let state = AppState::new(store.clone(), running.registry.clone(), metrics, web_config);
+    let served =
+        actix_web::rt::System::new().block_on(crate::web::serve(state, listener, shutdown.clone()));
     // The server stops on the first signal (or fails); either way, drain.
     if shutdown.stage() == Stage::Running {
         shutdown.request();
@@ -392,7 +433,12 @@ struct Running {
 }
 
 impl Running {
-    fn start(store: &Store, registry: Registry, run: &RunArgs) -> Result<Running, CliError> {
+    fn start(
+        store: &Store,
+        registry: Registry,
+        run: &RunArgs,
+        metrics: Metrics,
+    ) -> Result<Running, CliError> {
         if run.heartbeat_interval >= run.stale_after {
             return Err(CliError(format!(
                 "--heartbeat-interval ({}) must be shorter than --stale-after ({}), or live jobs \
@@ -415,6 +461,7 @@ impl Running {
                 heartbeat_interval: run.heartbeat_interval,
                 backoff,
                 id: None,
+                metrics,
             },
         )?;
         let maintenance = Maintenance::start(

@@ -4,6 +4,7 @@ pub mod cli;
 pub mod demo;
 pub mod job;
 pub mod maintenance;
+pub mod metrics;
 pub mod schema;
 pub mod shutdown;
 pub mod store;

@@ -1,6 +1,28 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    audit_log (id) {
+        id -> Int8,
+        at -> Int8,
+        actor -> Text,
+        action -> Text,
+        target -> Text,
+        jobs -> Int8,
+        detail -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    idempotency_keys (key) {
+        key -> Text,
+        request_hash -> Text,
+        job_ids -> Nullable<Text>,
+        created_at -> Int8,
+        expires_at -> Int8,
+    }
+}
+
+diesel::table! {
     job_attempts (id) {
         id -> Int8,
         job_id -> Int8,
@@ -71,4 +93,12 @@ diesel::table! {
 
 diesel::joinable!(job_attempts -> jobs (job_id));
 
-diesel::allow_tables_to_appear_in_same_query!(job_attempts, jobs, leader, queues, workers,);
+diesel::allow_tables_to_appear_in_same_query!(
+    audit_log,
+    idempotency_keys,
+    job_attempts,
+    jobs,
+    leader,
+    queues,
+    workers,
+);

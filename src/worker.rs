@@ -33,8 +33,9 @@ use fallible_iterator::FallibleIterator;
 use tracing::{debug, info, warn};
 
 use crate::job::{Backoff, JobContext, Outcome, Registry};
+use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, Stage};
-use crate::store::{self, AttemptOutcome, Failure, Job, Lease, Store, WorkerInfo};
+use crate::store::{self, AttemptOutcome, Failure, Job, JobState, Lease, Store, WorkerInfo};
 
 /// A queue to work and how many jobs of it may run at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +94,8 @@ pub struct WorkerConfig {
     pub backoff: Backoff,
     /// This process's worker id. Default `host:pid:boot-id`.
     pub id: Option<String>,
+    /// Where the workers count what they do (shared with `/metrics`).
+    pub metrics: Metrics,
 }
 
 impl Default for WorkerConfig {
@@ -106,6 +109,7 @@ impl Default for WorkerConfig {
             heartbeat_interval: Duration::from_secs(15),
             backoff: Backoff::default(),
             id: None,
+            metrics: Metrics::default(),
         }
     }
 }
@@ -138,6 +142,7 @@ struct Held {
     job: Job,
     lease: Lease,
     queue: usize,
+    claimed_at: Instant,
     deadline: Instant,
     timeout: Duration,
     status: AtomicU8,
@@ -156,19 +161,19 @@ impl Held {
 
 /// A result on its way to the database.
 enum Finished {
-    Done(Lease),
-    Failed(Lease, Failure),
-    Snoozed(Lease, Duration),
-    Released(Lease),
+    Done(Arc<Held>),
+    Failed(Arc<Held>, Failure),
+    Snoozed(Arc<Held>, Duration),
+    Released(Arc<Held>),
     /// The completer's last message: everything before it is recorded.
     Stop,
 }
 
 impl Finished {
-    fn lease(&self) -> Option<Lease> {
+    fn held(&self) -> Option<&Arc<Held>> {
         match self {
-            Finished::Done(l) | Finished::Failed(l, _) | Finished::Snoozed(l, _) => Some(*l),
-            Finished::Released(l) => Some(*l),
+            Finished::Done(h) | Finished::Failed(h, _) | Finished::Snoozed(h, _) => Some(h),
+            Finished::Released(h) => Some(h),
             Finished::Stop => None,
         }
     }
@@ -267,7 +272,12 @@ impl Worker {
             |e: std::io::Error| store::Error::Config(format!("cannot start a thread: {e}"));
         let mut fetchers = Vec::new();
         for (index, tx) in senders.into_iter().enumerate() {
-            for _ in 0..shared.queues[index].spec.concurrency {
+            let spec = &shared.queues[index].spec;
+            shared
+                .config
+                .metrics
+                .threads(&spec.name, spec.concurrency as i64);
+            for _ in 0..spec.concurrency {
                 spawn_executor(&shared, index).map_err(spawn_err)?;
             }
             let s = shared.clone();
@@ -371,7 +381,7 @@ impl Worker {
             }
             for h in held.values() {
                 if h.take(ABANDONED) {
-                    let _ = shared.results.send(Finished::Released(h.lease));
+                    let _ = shared.results.send(Finished::Released(h.clone()));
                 }
             }
         }
@@ -450,6 +460,7 @@ fn fetch_loop(shared: &Shared, index: usize, tx: Sender<Arc<Held>>) {
                             lease: job.lease(),
                             cancelled: Arc::new(AtomicBool::new(job.cancel_requested)),
                             queue: index,
+                            claimed_at,
                             // Measured from before the claim, so the local
                             // deadline never falls after the database's.
                             deadline: claimed_at + timeout,
@@ -496,7 +507,7 @@ fn execute_loop(shared: &Arc<Shared>, index: usize) {
     while let Ok(held) = rx.recv() {
         let result = if shared.stopping.load(Ordering::SeqCst) {
             // Claimed but not started when shutdown began: give it back now.
-            Finished::Released(held.lease)
+            Finished::Released(held.clone())
         } else {
             run_job(shared, &held)
         };
@@ -516,9 +527,17 @@ fn execute_loop(shared: &Arc<Shared>, index: usize) {
 }
 
 /// Runs one job's handler and turns what it returns into a result.
-fn run_job(shared: &Shared, held: &Held) -> Finished {
+fn run_job(shared: &Shared, held: &Arc<Held>) -> Finished {
     let job = &held.job;
-    let lease = held.lease;
+    let metrics = &shared.config.metrics;
+    // Claim-to-start: from when the job became claimable (database clock)
+    // to now, through the claim.
+    let waited_ms = job.started_at.unwrap_or(job.run_at) - job.run_at;
+    let started = Instant::now();
+    metrics.started(
+        &job.queue,
+        waited_ms as f64 / 1000.0 + (started - held.claimed_at).as_secs_f64(),
+    );
     let ctx = JobContext::new(job, held.deadline, held.cancelled.clone());
     let ran = panic::catch_unwind(AssertUnwindSafe(|| {
         IN_JOB.set(true);
@@ -527,21 +546,22 @@ fn run_job(shared: &Shared, held: &Held) -> Finished {
         outcome
     }));
     IN_JOB.set(false);
+    metrics.ran(&job.queue, &job.kind, started.elapsed().as_secs_f64());
     let retry = |outcome: AttemptOutcome, error: String| {
-        Finished::Failed(lease, failure(shared, job, outcome, error))
+        Finished::Failed(held.clone(), failure(shared, job, outcome, error))
     };
     match ran {
-        Ok(Some(Outcome::Done)) => Finished::Done(lease),
+        Ok(Some(Outcome::Done)) => Finished::Done(held.clone()),
         Ok(Some(Outcome::Retry(error))) => retry(AttemptOutcome::Error, error),
         Ok(Some(Outcome::Dead(error))) => Finished::Failed(
-            lease,
+            held.clone(),
             Failure {
                 outcome: AttemptOutcome::Error,
                 error,
                 retry_in: None,
             },
         ),
-        Ok(Some(Outcome::Snooze(delay))) => Finished::Snoozed(lease, delay),
+        Ok(Some(Outcome::Snooze(delay))) => Finished::Snoozed(held.clone(), delay),
         // A kind this process does not know may be known to a newer version
         // of the code rolling out: retry rather than bury it.
         Ok(None) => retry(
@@ -613,8 +633,10 @@ fn complete_loop(shared: &Shared, rx: Receiver<Finished>, stop: Receiver<()>) ->
             Ok(()) => {
                 failures = 0;
                 let mut held = shared.held();
-                for lease in pending.drain(..).filter_map(|f| f.lease()) {
-                    held.remove(&lease.id);
+                for f in pending.drain(..) {
+                    if let Some(h) = f.held() {
+                        held.remove(&h.lease.id);
+                    }
                 }
                 drop(held);
                 shared.held_cv.notify_all();
@@ -643,16 +665,21 @@ fn complete_loop(shared: &Shared, rx: Receiver<Finished>, stop: Receiver<()>) ->
 /// one (failures carry per-job errors and delays).
 fn record(shared: &Shared, batch: &[Finished], report: &mut ShutdownReport) -> store::Result<()> {
     let store = &shared.store;
-    let done: Vec<Lease> = batch
+    let metrics = &shared.config.metrics;
+    let done: Vec<&Arc<Held>> = batch
         .iter()
         .filter_map(|f| match f {
-            Finished::Done(l) => Some(*l),
+            Finished::Done(h) => Some(h),
             _ => None,
         })
         .collect();
     if !done.is_empty() {
-        let completed = store.jobs_complete(&done)?;
+        let leases: Vec<Lease> = done.iter().map(|h| h.lease).collect();
+        let completed = store.jobs_complete(&leases)?;
         report.finished += completed.len();
+        for h in &done {
+            metrics.completed(&h.job.queue);
+        }
         if completed.len() < done.len() {
             lost(shared, done.len() - completed.len(), "completion");
         }
@@ -660,19 +687,20 @@ fn record(shared: &Shared, batch: &[Finished], report: &mut ShutdownReport) -> s
     let mut released = Vec::new();
     for f in batch {
         match f {
-            Finished::Failed(lease, failure) => match store.job_fail(*lease, failure)? {
+            Finished::Failed(h, failure) => match store.job_fail(h.lease, failure)? {
                 Some(state) => {
                     report.finished += 1;
-                    debug!(job = lease.id, %state, error = %failure.error, "attempt failed");
+                    metrics.failed(&h.job.queue, state == JobState::Dead);
+                    debug!(job = h.lease.id, %state, error = %failure.error, "attempt failed");
                 }
                 None => lost(shared, 1, "failure"),
             },
-            Finished::Snoozed(lease, delay) => {
-                if !store.job_snooze(*lease, *delay)? {
+            Finished::Snoozed(h, delay) => {
+                if !store.job_snooze(h.lease, *delay)? {
                     lost(shared, 1, "snooze");
                 }
             }
-            Finished::Released(lease) => released.push(*lease),
+            Finished::Released(h) => released.push(h.lease),
             Finished::Done(_) | Finished::Stop => {}
         }
     }
@@ -734,7 +762,7 @@ fn keep_loop(shared: &Arc<Shared>) {
             );
             warn!(job = h.lease.id, "{error}");
             let failure = failure(shared, &h.job, AttemptOutcome::Timeout, error);
-            let _ = shared.results.send(Finished::Failed(h.lease, failure));
+            let _ = shared.results.send(Finished::Failed(h.clone(), failure));
             h.cancelled.store(true, Ordering::Relaxed);
             // The stuck thread keeps its slot until it returns; a new one
             // takes over its share of the work.

@@ -267,8 +267,7 @@ fn sigterm_releases_the_running_job_and_exits_cleanly(db: &TestDb) {
 
 fn serve_answers_healthz_and_runs_what_the_cli_enqueues(db: &TestDb) {
     let mut server = Proc::start(&db.url, &["serve", "--bind=127.0.0.1:0"]);
-    let line = server.log_line("listening on http://");
-    let address = line.rsplit("http://").next().unwrap().trim().to_string();
+    let address = serve_address(&server);
     let body = ureq::get(&format!("http://{address}/healthz"))
         .call()
         .unwrap()
@@ -295,7 +294,43 @@ fn serve_answers_healthz_and_runs_what_the_cli_enqueues(db: &TestDb) {
     assert!(server.wait_exit().success());
 }
 
+fn serve_address(server: &Proc) -> String {
+    let line = server.log_line("listening on http://");
+    line.rsplit("http://").next().unwrap().trim().to_string()
+}
+
+fn a_job_answered_202_survives_a_sigkill_of_the_server(db: &TestDb) {
+    // The server works `default`; the job goes to `parked`, so it waits.
+    let server = Proc::start(&db.url, &["serve", "--bind=127.0.0.1:0"]);
+    let http = common::Http::new(&format!("http://{}", serve_address(&server)), None);
+    let reply = http.post("/api/jobs", &json!({"kind": "noop", "queue": "parked"}));
+    assert_eq!(reply.status, 202);
+    drop(server); // SIGKILL, right after the answer
+    let restarted = Proc::start(&db.url, &["serve", "--bind=127.0.0.1:0"]);
+    let http = common::Http::new(&format!("http://{}", serve_address(&restarted)), None);
+    let job = http.get(reply.header("location").unwrap());
+    assert_eq!(job.status, 200, "{}", job.body);
+    assert_eq!(job.json()["state"], "queued");
+}
+
+fn serve_refuses_an_open_bind_without_a_token(db: &TestDb) {
+    let mut open = Proc::start(&db.url, &["serve", "--bind=0.0.0.0:0"]);
+    assert!(!open.wait_exit().success());
+    open.log_line("refusing to listen on 0.0.0.0");
+    let guarded = Proc::start(
+        &db.url,
+        &["serve", "--bind=0.0.0.0:0", "--api-token=s3cret"],
+    );
+    let address = serve_address(&guarded).replace("0.0.0.0", "127.0.0.1");
+    let anonymous = common::Http::new(&format!("http://{address}"), None);
+    assert_eq!(anonymous.get("/api/stats").status, 401);
+    let member = common::Http::new(&format!("http://{address}"), Some("s3cret"));
+    assert_eq!(member.get("/api/stats").status, 200);
+}
+
 on_both_backends!(
+    a_job_answered_202_survives_a_sigkill_of_the_server,
+    serve_refuses_an_open_bind_without_a_token,
     a_worker_killed_mid_job_loses_nothing,
     two_processes_share_a_queue_without_running_a_job_twice,
     sigterm_releases_the_running_job_and_exits_cleanly,
@@ -390,7 +425,7 @@ fn the_command_line_explains_itself_and_its_errors() {
 #[test]
 fn an_unreachable_postgres_is_an_error_that_says_what_to_check() {
     let out = errand_cmd("postgres://errand@127.0.0.1:1/nowhere")
-        .arg("migrate")
+        .args(["migrate", "--connect-timeout=500ms"])
         .output()
         .unwrap();
     assert!(!out.status.success());

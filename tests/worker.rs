@@ -29,7 +29,7 @@ fn config(concurrency: usize) -> WorkerConfig {
         poll_interval: Duration::from_millis(50),
         heartbeat_interval: Duration::from_millis(100),
         backoff: Backoff::Fixed(Duration::ZERO),
-        id: None,
+        ..WorkerConfig::default()
     }
 }
 

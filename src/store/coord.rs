@@ -13,7 +13,7 @@ use diesel::upsert::excluded;
 
 use super::jobs::{millis, now_plus};
 use super::{Dialect, JobState, Lease, Result, Store, now};
-use crate::schema::{jobs, leader, workers};
+use crate::schema::{idempotency_keys, jobs, leader, workers};
 
 /// The single leader lease's name in the `leader` table.
 const MAINTENANCE: &str = "maintenance";
@@ -94,6 +94,8 @@ pub struct PruneReport {
     pub cancelled: usize,
     pub dead: usize,
     pub workers: usize,
+    /// Expired idempotency keys.
+    pub keys: usize,
 }
 
 impl PruneReport {
@@ -293,7 +295,8 @@ impl Store {
     }
 
     /// Deletes finished jobs older than their retention (and their
-    /// attempts), a batch per statement, and workers silent for `stale_after`.
+    /// attempts), a batch per statement, workers silent for `stale_after`,
+    /// and expired idempotency keys.
     pub fn jobs_prune(&self, retention: &Retention, stale_after: Duration) -> Result<PruneReport> {
         let mut report = PruneReport::default();
         for (state, keep) in [
@@ -335,6 +338,11 @@ impl Store {
         report.workers = with_conn!(self, c => {
             let cutoff = now_minus(c, stale);
             diesel::delete(workers::table.filter(workers::heartbeat_at.nullable().lt(cutoff)))
+                .execute(c)?
+        });
+        report.keys = with_conn!(self, c => {
+            let now = now(c);
+            diesel::delete(idempotency_keys::table.filter(idempotency_keys::expires_at.lt(now)))
                 .execute(c)?
         });
         Ok(report)

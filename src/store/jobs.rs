@@ -42,6 +42,26 @@ pub struct Enqueued {
     pub created: bool,
 }
 
+/// How an enqueue under an idempotency key went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Once {
+    /// The key was new: the jobs were enqueued.
+    Fresh(Vec<Enqueued>),
+    /// The key was used before for the same request: the jobs it made.
+    Repeat(Vec<i64>),
+    /// The key was used before for a different request; nothing changed.
+    Mismatch,
+}
+
+/// Which dead jobs [`Store::jobs_retry_dead`] replays; unset fields match
+/// every job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadFilter {
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    pub ids: Option<Vec<i64>>,
+}
+
 /// Which jobs [`Store::jobs_list`] returns, newest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobFilter {
@@ -176,47 +196,70 @@ impl Store {
         if new.is_empty() {
             return Ok(Vec::new());
         }
-        let mut results: Vec<Option<Enqueued>> = vec![None; new.len()];
-        // An existing job can finish between the insert (which saw its key
-        // taken) and the lookup (which no longer finds it unfinished); such
-        // jobs go round again and are created this time.
-        for _round in 0..3 {
-            let todo: Vec<usize> = (0..new.len()).filter(|&i| results[i].is_none()).collect();
-            if todo.is_empty() {
-                break;
+        let enqueued = with_conn!(self, c => c.write_tx(|c| enqueue_in(c, new)))?;
+        self.wake_queues(new);
+        Ok(enqueued)
+    }
+
+    /// [`Store::jobs_enqueue`] under an idempotency key: the first request
+    /// with `key` enqueues `new`; a later one with the same `request_hash`
+    /// gets the same jobs back ([`Once::Repeat`]) and one with a different
+    /// hash is refused ([`Once::Mismatch`]). Concurrent requests with one key
+    /// wait for each other, so exactly one enqueues. Keys expire after `ttl`.
+    pub fn jobs_enqueue_once(
+        &self,
+        key: &str,
+        request_hash: &str,
+        ttl: Duration,
+        new: &[NewJob],
+    ) -> Result<Once> {
+        use crate::schema::idempotency_keys as keys;
+        let once = with_conn!(self, c => c.write_tx(|c| {
+            let now = now(c);
+            // An expired key is as good as absent.
+            diesel::delete(keys::table.find(key).filter(keys::expires_at.lt(now.clone())))
+                .execute(c)?;
+            // Inserting first makes a concurrent request with the same key
+            // wait here until this transaction ends.
+            let taken = diesel::insert_into(keys::table)
+                .values((
+                    keys::key.eq(key),
+                    keys::request_hash.eq(request_hash),
+                    keys::created_at.eq(now),
+                    keys::expires_at.eq(now_plus(c, millis(ttl))),
+                ))
+                .on_conflict_do_nothing()
+                .execute(c)?
+                == 0;
+            if taken {
+                let (hash, ids) = keys::table
+                    .find(key)
+                    .select((keys::request_hash, keys::job_ids))
+                    .first::<(String, Option<String>)>(c)?;
+                if hash != request_hash {
+                    return Ok(Once::Mismatch);
+                }
+                let ids = ids.and_then(|ids| serde_json::from_str(&ids).ok()).unwrap_or_default();
+                return Ok(Once::Repeat(ids));
             }
-            let rows: Vec<EnqueueRow> = todo.iter().map(|&i| EnqueueRow::new(&new[i])).collect();
-            let rows_json = serde_json::to_string(&rows).expect("enqueue rows serialize");
-            let keys: Vec<&str> = rows.iter().filter_map(|r| r.unique_key).collect();
-            let (inserted, holders) = with_conn!(self, c => c.write_tx(|c| {
-                let inserted = c.enqueue(&rows_json)?;
-                let holders = if keys.is_empty() {
-                    Vec::new()
-                } else {
-                    jobs::table
-                        .filter(jobs::unique_key.eq_any(&keys))
-                        .filter(jobs::state.eq_any(UNFINISHED))
-                        .select((jobs::id, jobs::unique_key, jobs::state))
-                        .load::<(i64, Option<String>, JobState)>(c)?
-                };
-                Ok((inserted, holders))
-            }))?;
-            assign_enqueued(&rows, &todo, inserted, holders, &mut results);
+            let enqueued = enqueue_in(c, new)?;
+            let ids: Vec<i64> = enqueued.iter().map(|e| e.id).collect();
+            diesel::update(keys::table.find(key))
+                .set(keys::job_ids.eq(serde_json::to_string(&ids).expect("ids serialize")))
+                .execute(c)?;
+            Ok(Once::Fresh(enqueued))
+        }))?;
+        if matches!(once, Once::Fresh(_)) {
+            self.wake_queues(new);
         }
+        Ok(once)
+    }
+
+    fn wake_queues(&self, new: &[NewJob]) {
         let queues: HashSet<&str> = new.iter().map(|j| j.queue.as_str()).collect();
         for queue in queues {
             self.wake.notify(queue);
         }
-        results
-            .into_iter()
-            .map(|r| {
-                r.ok_or_else(|| {
-                    super::Error::Conflict(
-                        "a unique key kept changing hands while enqueueing; try again".into(),
-                    )
-                })
-            })
-            .collect()
     }
 
     /// Claims up to `limit` claimable jobs of `queue` for `worker`, in claim
@@ -388,33 +431,74 @@ impl Store {
     /// `queued`, claimable at once, its attempt history kept. A job that has
     /// used all its attempts gets one more.
     pub fn job_retry(&self, id: i64) -> Result<Transition> {
-        let queue = with_conn!(self, c => {
-            let now = now(c);
-            diesel::update(jobs::table.filter(jobs::id.eq(id)).filter(jobs::state.eq_any([
+        let queue = with_conn!(self, c => diesel::update(
+            jobs::table.filter(jobs::id.eq(id)).filter(jobs::state.eq_any([
                 JobState::Dead,
                 JobState::Cancelled,
                 JobState::Retrying,
-            ])))
-            .set((
-                jobs::state.eq(JobState::Queued),
-                jobs::run_at.eq(now),
-                jobs::finished_at.eq(None::<i64>),
-                jobs::cancel_requested.eq(false),
-                jobs::rescue_count.eq(0),
-                jobs::max_attempts.eq(sql::<Integer>(
-                    "CASE WHEN max_attempts > attempt THEN max_attempts ELSE attempt + 1 END",
-                )),
-            ))
-            .returning(jobs::queue)
-            .get_result::<String>(c)
-            .optional()?
-        });
+            ])),
+        )
+        .set(requeue(c))
+        .returning(jobs::queue)
+        .get_result::<String>(c)
+        .optional()?);
         match queue {
             Some(queue) => {
                 self.announce([queue.as_str()])?;
                 Ok(Transition::Applied(JobState::Queued))
             }
             None => self.refused_or_missing(id),
+        }
+    }
+
+    /// Replays every dead job matching `filter` (as [`Store::job_retry`]
+    /// does one), a batch of 1,000 per transaction so that neither a
+    /// statement nor a lock lasts long. Each job is replayed at most once per
+    /// call, even if it dies again meanwhile. Returns how many were replayed.
+    pub fn jobs_retry_dead(&self, filter: &DeadFilter) -> Result<usize> {
+        const BATCH: i64 = 1000;
+        let mut replayed = 0;
+        let mut after = 0;
+        loop {
+            let (n, last, queues) = with_conn!(self, c => c.write_tx(|c| {
+                let mut query = jobs::table
+                    .select((jobs::id, jobs::queue))
+                    .filter(jobs::state.eq(JobState::Dead))
+                    .filter(jobs::id.gt(after))
+                    .order(jobs::id)
+                    .limit(BATCH)
+                    .into_boxed();
+                if let Some(queue) = &filter.queue {
+                    query = query.filter(jobs::queue.eq(queue.clone()));
+                }
+                if let Some(kind) = &filter.kind {
+                    query = query.filter(jobs::kind.eq(kind.clone()));
+                }
+                if let Some(ids) = &filter.ids {
+                    query = query.filter(jobs::id.eq_any(ids.clone()));
+                }
+                let batch: Vec<(i64, String)> = query.load(c)?;
+                let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
+                let n = if ids.is_empty() {
+                    0
+                } else {
+                    diesel::update(
+                        jobs::table
+                            .filter(jobs::id.eq_any(&ids))
+                            .filter(jobs::state.eq(JobState::Dead)),
+                    )
+                    .set(requeue(c))
+                    .execute(c)?
+                };
+                let queues: HashSet<String> = batch.into_iter().map(|(_, q)| q).collect();
+                Ok((n, ids.last().copied(), queues))
+            }))?;
+            replayed += n;
+            self.announce(queues.iter().map(String::as_str))?;
+            match last {
+                Some(last) => after = last,
+                None => return Ok(replayed),
+            }
         }
     }
 
@@ -547,6 +631,31 @@ impl Store {
     }
 }
 
+/// The columns a job gets when it is retried or replayed: queued, claimable
+/// now, with one more attempt if it had used them all.
+#[allow(clippy::type_complexity)]
+fn requeue<C: Dialect>(
+    c: &C,
+) -> (
+    diesel::dsl::Eq<jobs::state, JobState>,
+    diesel::dsl::Eq<jobs::run_at, diesel::expression::SqlLiteral<BigInt>>,
+    diesel::dsl::Eq<jobs::finished_at, Option<i64>>,
+    diesel::dsl::Eq<jobs::cancel_requested, bool>,
+    diesel::dsl::Eq<jobs::rescue_count, i32>,
+    diesel::dsl::Eq<jobs::max_attempts, diesel::expression::SqlLiteral<Integer>>,
+) {
+    (
+        jobs::state.eq(JobState::Queued),
+        jobs::run_at.eq(now(c)),
+        jobs::finished_at.eq(None::<i64>),
+        jobs::cancel_requested.eq(false),
+        jobs::rescue_count.eq(0),
+        jobs::max_attempts.eq(sql::<Integer>(
+            "CASE WHEN max_attempts > attempt THEN max_attempts ELSE attempt + 1 END",
+        )),
+    )
+}
+
 /// The columns a job gets when it leaves `running` without finishing its
 /// attempt (snooze, release): back to `queued` at now + `delay_ms`, the
 /// attempt not counted; `cancelled` if that was requested meanwhile.
@@ -577,6 +686,41 @@ fn unclaim<C: Dialect>(
         jobs::heartbeat_at.eq(None::<i64>),
         jobs::deadline_at.eq(None::<i64>),
     )
+}
+
+/// Enqueues `new` inside the caller's write transaction.
+fn enqueue_in<C: JobSql>(c: &mut C, new: &[NewJob]) -> Result<Vec<Enqueued>> {
+    let mut results: Vec<Option<Enqueued>> = vec![None; new.len()];
+    // An existing job can finish between the insert (which saw its key
+    // taken) and the lookup (which no longer finds it unfinished); such jobs
+    // go round again (READ COMMITTED: each statement sees the latest commits)
+    // and are created this time.
+    for _round in 0..3 {
+        let todo: Vec<usize> = (0..new.len()).filter(|&i| results[i].is_none()).collect();
+        if todo.is_empty() {
+            break;
+        }
+        let rows: Vec<EnqueueRow> = todo.iter().map(|&i| EnqueueRow::new(&new[i])).collect();
+        let rows_json = serde_json::to_string(&rows).expect("enqueue rows serialize");
+        let keys: Vec<&str> = rows.iter().filter_map(|r| r.unique_key).collect();
+        let inserted = c.enqueue(&rows_json)?;
+        let holders = if keys.is_empty() {
+            Vec::new()
+        } else {
+            c.unique_key_holders(&keys)?
+        };
+        assign_enqueued(&rows, &todo, inserted, holders, &mut results);
+    }
+    results
+        .into_iter()
+        .map(|r| {
+            r.ok_or_else(|| {
+                super::Error::Conflict(
+                    "a unique key kept changing hands while enqueueing; try again".into(),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Matches inserted rows and existing unique-key holders to the input rows.
@@ -636,8 +780,12 @@ fn assign_enqueued(
 // statements inside one transaction costs no round trips.
 // ---------------------------------------------------------------------------
 
-/// The statements whose SQL differs between the backends.
+/// The statements whose SQL differs between the backends (and, through
+/// [`same_on_both`], a few that do not but are needed by generic code).
 trait JobSql: Dialect {
+    /// Unfinished jobs holding any of `keys`: id, key, state.
+    fn unique_key_holders(&mut self, keys: &[&str])
+    -> Result<Vec<(i64, Option<String>, JobState)>>;
     /// Inserts the jobs of a JSON array of [`EnqueueRow`]s, skipping those
     /// whose unique key is held, and announces the due ones.
     fn enqueue(&mut self, rows_json: &str) -> Result<Vec<InsertedRow>>;
@@ -650,7 +798,25 @@ fn lease_arrays(leases: &[Lease]) -> (Vec<i64>, Vec<i64>) {
     leases.iter().map(|l| (l.id, l.lease_id)).unzip()
 }
 
+/// Method bodies written once for both connection types.
+macro_rules! same_on_both {
+    () => {
+        fn unique_key_holders(
+            &mut self,
+            keys: &[&str],
+        ) -> Result<Vec<(i64, Option<String>, JobState)>> {
+            Ok(jobs::table
+                .filter(jobs::unique_key.eq_any(keys))
+                .filter(jobs::state.eq_any(UNFINISHED))
+                .select((jobs::id, jobs::unique_key, jobs::state))
+                .load(self)?)
+        }
+    };
+}
+
 impl JobSql for PgConnection {
+    same_on_both!();
+
     fn enqueue(&mut self, rows_json: &str) -> Result<Vec<InsertedRow>> {
         // ORDER BY ord: ids are drawn in insertion order (see
         // `assign_enqueued`). The `woken` CTE sends one NOTIFY per queue with
@@ -767,6 +933,8 @@ impl JobSql for PgConnection {
 }
 
 impl JobSql for SqliteConnection {
+    same_on_both!();
+
     fn enqueue(&mut self, rows_json: &str) -> Result<Vec<InsertedRow>> {
         // `WHERE true` resolves SQLite's parsing ambiguity between a join
         // constraint and the upsert's ON CONFLICT after INSERT … SELECT.

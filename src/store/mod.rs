@@ -50,6 +50,7 @@ macro_rules! with_conn {
     };
 }
 
+mod admin;
 mod coord;
 mod jobs;
 mod types;
@@ -65,9 +66,10 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 use crate::wake::Wake;
 
+pub use admin::{AuditEntry, QueueOverview};
 pub use coord::{LeaderTerm, Overdue, PruneReport, Retention, WorkerInfo};
 pub(crate) use jobs::NOTIFY_CHANNEL;
-pub use jobs::{Enqueued, JobFilter};
+pub use jobs::{DeadFilter, Enqueued, JobFilter, Once};
 pub use types::{
     Attempt, AttemptOutcome, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT, Failure, Job,
     JobState, Lease, NewJob, QueueCount, QueueInfo, Schedule, Transition,
@@ -137,6 +139,9 @@ pub struct StoreOptions {
     pub connect_timeout: Duration,
     /// SQLite durability. Default [`SqliteSync::Full`].
     pub sqlite_sync: SqliteSync,
+    /// How long a SQLite write waits for another writer before failing with
+    /// "database is locked". Default 10 s.
+    pub sqlite_busy_timeout: Duration,
 }
 
 impl Default for StoreOptions {
@@ -145,6 +150,7 @@ impl Default for StoreOptions {
             pool_size: 10,
             connect_timeout: Duration::from_secs(10),
             sqlite_sync: SqliteSync::Full,
+            sqlite_busy_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -219,6 +225,7 @@ pub(crate) fn now<C: Dialect>(_: &C) -> diesel::expression::SqlLiteral<BigInt> {
 #[derive(Debug)]
 struct SqlitePragmas {
     sync: SqliteSync,
+    busy_timeout: Duration,
 }
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragmas {
@@ -231,8 +238,9 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragma
             SqliteSync::Normal => "NORMAL",
         };
         conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
-             PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
+             PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;",
+            self.busy_timeout.as_millis()
         ))
         .map_err(diesel::r2d2::Error::QueryError)
     }
@@ -314,6 +322,7 @@ impl Store {
                     pool_builder(options)
                         .connection_customizer(Box::new(SqlitePragmas {
                             sync: options.sqlite_sync,
+                            busy_timeout: options.sqlite_busy_timeout,
                         }))
                         .build(manager)?,
                 )

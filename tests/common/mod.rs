@@ -214,3 +214,212 @@ mod tests {
         );
     }
 }
+
+/// The web server on a loopback port, in this process, over real HTTP.
+pub struct TestServer {
+    pub base: String,
+    shutdown: errand::shutdown::Shutdown,
+    thread: Option<std::thread::JoinHandle<()>>,
+    worker: Option<errand::Worker>,
+}
+
+/// How to start a [`TestServer`].
+#[derive(Clone, Default)]
+pub struct ServerOptions {
+    pub config: errand::web::WebConfig,
+    /// Also run a worker (default queue, 4 threads) sharing the metrics.
+    pub worker: bool,
+    pub store: Option<Store>,
+}
+
+impl TestServer {
+    pub fn start(db: &TestDb, options: ServerOptions) -> TestServer {
+        let store = options.store.unwrap_or_else(|| db.store.clone());
+        let mut registry = errand::Registry::new();
+        errand::demo::register(&mut registry);
+        let registry = std::sync::Arc::new(registry);
+        let metrics = errand::metrics::Metrics::new();
+        let worker = options.worker.then(|| {
+            errand::Worker::start(
+                store.clone(),
+                registry.clone(),
+                errand::WorkerConfig {
+                    queues: vec![errand::worker::QueueSpec {
+                        name: "default".into(),
+                        concurrency: 4,
+                    }],
+                    poll_interval: Duration::from_millis(50),
+                    heartbeat_interval: Duration::from_millis(200),
+                    backoff: errand::Backoff::Fixed(Duration::ZERO),
+                    metrics: metrics.clone(),
+                    ..errand::WorkerConfig::default()
+                },
+            )
+            .expect("worker starts")
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = errand::shutdown::Shutdown::new();
+        let state = errand::web::AppState::new(store, registry, metrics, options.config);
+        let stop = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new()
+                .block_on(errand::web::serve(state, listener, stop))
+                .expect("server runs");
+        });
+        TestServer {
+            base,
+            shutdown,
+            thread: Some(thread),
+            worker,
+        }
+    }
+
+    pub fn http(&self) -> Http {
+        Http::new(&self.base, None)
+    }
+
+    pub fn http_with_token(&self, token: &str) -> Http {
+        Http::new(&self.base, Some(token))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.request();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if let Some(worker) = self.worker.take() {
+            worker.shutdown(Duration::from_secs(5), &errand::shutdown::Shutdown::new());
+        }
+    }
+}
+
+/// A blocking HTTP client that returns every status as a [`Reply`].
+#[derive(Clone)]
+pub struct Http {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+/// A response, read whole.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON, or `null` when it is not JSON.
+    pub fn json_or_null(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The `error` code of a JSON error body.
+    pub fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl Http {
+    pub fn new(base: &str, token: Option<&str>) -> Http {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Http {
+            agent,
+            base: base.to_string(),
+            token: token.map(str::to_string),
+        }
+    }
+
+    fn finish(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+        let mut response = response.expect("HTTP exchange");
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+            .collect();
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(token) => request.header("Authorization", format!("Bearer {token}")),
+            None => request,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        Http::finish(
+            self.auth(self.agent.get(format!("{}{path}", self.base)))
+                .call(),
+        )
+    }
+
+    pub fn delete(&self, path: &str) -> Reply {
+        Http::finish(
+            self.auth(self.agent.delete(format!("{}{path}", self.base)))
+                .call(),
+        )
+    }
+
+    /// POSTs raw bytes with a content type and extra headers.
+    pub fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut request = self
+            .auth(self.agent.post(format!("{}{path}", self.base)))
+            .content_type(content_type);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        Http::finish(request.send(body))
+    }
+
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> Reply {
+        self.post_raw(path, "application/json", body.to_string().as_bytes(), &[])
+    }
+
+    pub fn post_with(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        self.post_raw(
+            path,
+            "application/json",
+            body.to_string().as_bytes(),
+            headers,
+        )
+    }
+}
