@@ -323,6 +323,40 @@ fn idempotency_keys_return_the_same_job_and_refuse_another_body(db: &TestDb) {
     assert_eq!(job_count(db), 3);
 }
 
+fn idempotency_keys_expire(db: &TestDb) {
+    let server = TestServer::start(
+        db,
+        ServerOptions {
+            config: WebConfig {
+                idempotency_ttl: Duration::from_millis(50),
+                ..WebConfig::default()
+            },
+            ..ServerOptions::default()
+        },
+    );
+    let http = server.http();
+    let key = [("Idempotency-Key", "short-lived")];
+    let body = json!({"kind": "noop"});
+    let first = http.post_with("/api/jobs", &body, &key).json()["id"].clone();
+    let fresh = wait_for("the key to expire", WAIT, || {
+        let reply = http.post_with("/api/jobs", &body, &key);
+        (reply.status == 202).then_some(reply)
+    });
+    assert_ne!(fresh.json()["id"], first, "an expired key enqueues anew");
+    // The pruner clears expired keys.
+    let pruned = wait_for("the key to be prunable", WAIT, || {
+        let report = db
+            .store
+            .jobs_prune(
+                &errand::store::Retention::default(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        (report.keys == 1).then_some(report)
+    });
+    assert_eq!(pruned.keys, 1);
+}
+
 fn idempotency_and_uniqueness_hold_under_concurrent_requests(db: &TestDb) {
     let server = server(db);
     let concurrent = |make: fn(usize) -> (Value, Option<String>)| {
@@ -470,6 +504,17 @@ fn job_actions_answer_with_the_status_that_fits_the_state(db: &TestDb) {
     let cancel_running = http.post(&format!("/api/jobs/{id}/cancel"), &json!({}));
     assert_eq!(cancel_running.status, 202);
     assert_eq!(cancel_running.json()["cancel_requested"], true);
+    let retry_running = http.post(&format!("/api/jobs/{id}/retry"), &json!({}));
+    assert_eq!(
+        (retry_running.status, retry_running.error()),
+        (409, "conflict".to_string())
+    );
+    assert!(
+        retry_running.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("running")
+    );
     let delete_running = http.delete(&format!("/api/jobs/{id}"));
     assert_eq!(
         (delete_running.status, delete_running.error()),
@@ -853,6 +898,7 @@ on_both_backends!(
     a_batch_is_all_or_nothing_in_request_order,
     bad_input_gets_a_clear_error_and_changes_nothing,
     idempotency_keys_return_the_same_job_and_refuse_another_body,
+    idempotency_keys_expire,
     idempotency_and_uniqueness_hold_under_concurrent_requests,
     the_job_list_filters_and_pages_newest_first,
     job_actions_answer_with_the_status_that_fits_the_state,

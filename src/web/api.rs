@@ -83,7 +83,9 @@ pub struct BatchRequest {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct EnqueuedBody {
     pub id: i64,
-    pub state: JobState,
+    /// Null when a job returned for a repeated `Idempotency-Key` has since
+    /// been deleted or pruned.
+    pub state: Option<JobState>,
     /// False when an existing job was returned (same `unique_key` or
     /// `Idempotency-Key`).
     pub created: bool,
@@ -447,37 +449,35 @@ async fn submit(
         Some(key) => {
             let hash = request_hash(endpoint, body);
             let once = blocking(move || {
-                let once = store.jobs_enqueue_once(&key, &hash, ttl, &jobs)?;
-                // A repeat answers with the jobs' current states.
-                Ok(match once {
+                Ok(match store.jobs_enqueue_once(&key, &hash, ttl, &jobs)? {
+                    Once::Fresh(enqueued) => {
+                        Some(enqueued.into_iter().map(enqueued_body).collect())
+                    }
+                    // A repeat answers with the jobs' current states.
                     Once::Repeat(ids) => {
                         let mut answers = Vec::with_capacity(ids.len());
                         for id in ids {
-                            let state = store.job_get(id)?.map_or(JobState::Completed, |j| j.state);
-                            answers.push(Enqueued {
+                            answers.push(EnqueuedBody {
                                 id,
-                                state,
+                                state: store.job_get(id)?.map(|j| j.state),
                                 created: false,
+                                url: job_url(id),
                             });
                         }
-                        Ok(answers)
+                        Some(answers)
                     }
-                    Once::Fresh(enqueued) => Ok(enqueued),
-                    Once::Mismatch => Err(()),
+                    Once::Mismatch => None,
                 })
             })
             .await?;
-            match once {
-                Ok(enqueued) => enqueued.into_iter().map(enqueued_body).collect(),
-                Err(()) => {
-                    return Err(ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "idempotency_key_reused",
-                        "this Idempotency-Key was already used for a different request; \
-                         use a new key for a new request",
-                    ));
-                }
-            }
+            once.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was already used for a different request; \
+                     use a new key for a new request",
+                )
+            })?
         }
     };
     for (answer, queue) in results.iter().zip(&queues) {
@@ -491,7 +491,7 @@ async fn submit(
 fn enqueued_body(e: Enqueued) -> EnqueuedBody {
     EnqueuedBody {
         id: e.id,
-        state: e.state,
+        state: Some(e.state),
         created: e.created,
         url: job_url(e.id),
     }
