@@ -278,6 +278,12 @@ fn bad_input_gets_a_clear_error_and_changes_nothing(db: &TestDb) {
     );
     let not_a_number = http.get("/api/jobs/abc");
     assert_eq!(not_a_number.status, 400);
+    let wrong_method = http.delete("/api/stats");
+    assert_eq!(
+        (wrong_method.status, wrong_method.error()),
+        (405, "method_not_allowed".to_string())
+    );
+    assert_eq!(wrong_method.header("allow"), Some("GET"));
     let no_route = http.get("/api/nothing-here");
     assert_eq!(
         (no_route.status, no_route.error()),

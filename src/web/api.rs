@@ -40,7 +40,7 @@ pub struct ErrorBody {
     /// Machine-readable: `malformed_json`, `unsupported_media_type`,
     /// `payload_too_large`, `too_deep`, `invalid_field`, `unknown_kind`,
     /// `idempotency_key_reused`, `unauthorized`, `not_found`, `conflict`,
-    /// `unavailable`, `no_route`, `bad_request`, `internal`.
+    /// `unavailable`, `no_route`, `method_not_allowed`, `bad_request`, `internal`.
     pub error: String,
     /// For a person: what went wrong and what to do.
     pub message: String,
@@ -51,24 +51,33 @@ pub struct ErrorBody {
 #[serde(deny_unknown_fields)]
 pub struct EnqueueRequest {
     /// Queue name (letters, digits, `_ . : -`; at most 100). Default `default`.
+    #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,100}$")]
     queue: Option<String>,
     /// A job kind this server knows (same characters as queue names).
+    #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,100}$")]
     kind: String,
     /// The arguments, any JSON. Default `{}`.
     #[schema(value_type = Object)]
     args: Option<Value>,
     /// Lower runs first, from -32768 to 32767. Default 0.
+    #[schema(minimum = -32768, maximum = 32767)]
     priority: Option<i32>,
     /// Run no earlier than this instant (RFC 3339). Not with `delay_ms`.
+    #[schema(format = DateTime)]
     run_at: Option<String>,
-    /// Run no earlier than this many milliseconds from now. Not with `run_at`.
+    /// Run no earlier than this many milliseconds from now (up to ten
+    /// years). Not with `run_at`.
+    #[schema(maximum = 315_360_000_000_u64)]
     delay_ms: Option<u64>,
     /// Attempts before the job goes to `dead`, 1 to 1000. Default: the kind's, else 25.
+    #[schema(minimum = 1, maximum = 1000)]
     max_attempts: Option<i32>,
     /// How long one attempt may run, in ms (up to a week). Default: the kind's, else 5 min.
+    #[schema(minimum = 1, maximum = 604_800_000_u64)]
     timeout_ms: Option<u64>,
     /// While an unfinished job has this key, enqueueing returns that job
     /// (200) instead of creating another.
+    #[schema(min_length = 1, max_length = 255)]
     unique_key: Option<String>,
 }
 
@@ -76,6 +85,8 @@ pub struct EnqueueRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
+    /// 1 to `--batch-max` (default 1,000) jobs.
+    #[schema(min_items = 1)]
     jobs: Vec<EnqueueRequest>,
 }
 
@@ -163,9 +174,16 @@ pub struct JobListBody {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
-    /// States, comma-separated (`queued,retrying`).
+    /// States, comma-separated (`queued,retrying`); empty means all.
+    #[param(
+        pattern = r"^((queued|running|retrying|completed|dead|cancelled)(,(queued|running|retrying|completed|dead|cancelled))*)?$"
+    )]
     state: Option<String>,
+    /// Empty means every queue.
+    #[param(pattern = r"^[A-Za-z0-9_.:-]{0,100}$")]
     queue: Option<String>,
+    /// Empty means every kind.
+    #[param(pattern = r"^[A-Za-z0-9_.:-]{0,100}$")]
     kind: Option<String>,
     /// Page size, clamped to 1..=1000. Default 25.
     limit: Option<i64>,
@@ -173,11 +191,14 @@ pub struct ListParams {
     after: Option<i64>,
 }
 
-/// Which dead jobs to replay; name at least one filter, or `all`.
+/// Which dead jobs to replay; name at least one filter, or `all: true`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct ReplayRequest {
+    #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,100}$")]
     queue: Option<String>,
+    #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,100}$")]
     kind: Option<String>,
     ids: Option<Vec<i64>>,
     /// Replay every dead job.
@@ -322,18 +343,25 @@ impl ToSchema for JobState {}
 
 /// The routes under `/api` (all behind the bearer token).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/jobs", web::post().to(enqueue))
-        .route("/jobs", web::get().to(list_jobs))
-        .route("/jobs/batch", web::post().to(enqueue_batch))
-        .route("/jobs/{id}", web::get().to(get_job))
-        .route("/jobs/{id}", web::delete().to(delete_job))
-        .route("/jobs/{id}/retry", web::post().to(retry_job))
-        .route("/jobs/{id}/cancel", web::post().to(cancel_job))
-        .route("/dead/replay", web::post().to(replay_dead))
-        .route("/queues", web::get().to(list_queues))
-        .route("/queues/{name}/pause", web::post().to(pause_queue))
-        .route("/queues/{name}/resume", web::post().to(resume_queue))
-        .route("/stats", web::get().to(stats));
+    use super::resource;
+    cfg.service(
+        resource("/jobs", "GET, POST")
+            .route(web::post().to(enqueue))
+            .route(web::get().to(list_jobs)),
+    )
+    .service(resource("/jobs/batch", "POST").route(web::post().to(enqueue_batch)))
+    .service(
+        resource("/jobs/{id}", "GET, DELETE")
+            .route(web::get().to(get_job))
+            .route(web::delete().to(delete_job)),
+    )
+    .service(resource("/jobs/{id}/retry", "POST").route(web::post().to(retry_job)))
+    .service(resource("/jobs/{id}/cancel", "POST").route(web::post().to(cancel_job)))
+    .service(resource("/dead/replay", "POST").route(web::post().to(replay_dead)))
+    .service(resource("/queues", "GET").route(web::get().to(list_queues)))
+    .service(resource("/queues/{name}/pause", "POST").route(web::post().to(pause_queue)))
+    .service(resource("/queues/{name}/resume", "POST").route(web::post().to(resume_queue)))
+    .service(resource("/stats", "GET").route(web::get().to(stats)));
 }
 
 pub async fn openapi_json() -> HttpResponse {
@@ -759,7 +787,13 @@ async fn list_jobs(
     state: web::Data<AppState>,
     params: web::Query<ListParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let params = params.into_inner();
+    let mut params = params.into_inner();
+    // An empty filter (`?queue=`, as a form sends it) is no filter.
+    for field in [&mut params.state, &mut params.queue, &mut params.kind] {
+        if field.as_deref() == Some("") {
+            *field = None;
+        }
+    }
     let states = match &params.state {
         None => Vec::new(),
         Some(list) => list
@@ -1069,7 +1103,7 @@ async fn set_paused(
 /// Pause a queue: workers claim nothing from it until it is resumed.
 #[utoipa::path(
     post, path = "/api/queues/{name}/pause", tag = "queues",
-    params(("name" = String, Path, description = "Queue name")),
+    params(("name" = String, Path, description = "Queue name", pattern = r"^[A-Za-z0-9_.:-]{1,100}$")),
     responses(
         (status = 200, description = "Paused", body = QueueStateBody),
         (status = 422, description = "Bad queue name", body = ErrorBody),
@@ -1086,7 +1120,7 @@ async fn pause_queue(
 /// Resume a paused queue.
 #[utoipa::path(
     post, path = "/api/queues/{name}/resume", tag = "queues",
-    params(("name" = String, Path, description = "Queue name")),
+    params(("name" = String, Path, description = "Queue name", pattern = r"^[A-Za-z0-9_.:-]{1,100}$")),
     responses(
         (status = 200, description = "Resumed", body = QueueStateBody),
         (status = 422, description = "Bad queue name", body = ErrorBody),

@@ -442,6 +442,27 @@ fn extractor_error(err: impl std::fmt::Display, what: &str) -> actix_web::Error 
     .into()
 }
 
+/// A route's resource: methods other than `allow` (e.g. `"GET, POST"`) get
+/// 405 with an `Allow` header, not 404.
+pub(crate) fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move |req: HttpRequest| async move {
+        let mut response = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!(
+                "{} is not allowed on {}: use {allow}; the API is described at /api/openapi.json",
+                req.method(),
+                req.path()
+            ),
+        )
+        .error_response();
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
+        response
+    }))
+}
+
 /// Everything the server routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(web::PathConfig::default().error_handler(|e, _| extractor_error(e, "bad path")))
@@ -449,14 +470,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::QueryConfig::default()
                 .error_handler(|e, _| extractor_error(e, "bad query string")),
         )
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
+        .service(resource("/healthz", "GET").route(web::get().to(healthz)))
+        .service(resource("/readyz", "GET").route(web::get().to(readyz)))
         .service(
-            web::resource("/metrics")
+            resource("/metrics", "GET")
                 .wrap(from_fn(require_token))
                 .route(web::get().to(metrics)),
         )
-        .route("/api/openapi.json", web::get().to(api::openapi_json))
+        .service(resource("/api/openapi.json", "GET").route(web::get().to(api::openapi_json)))
         .service(
             web::scope("/api")
                 .wrap(from_fn(require_token))
