@@ -58,6 +58,7 @@ diesel::table! {
         last_error -> Nullable<Text>,
         unique_key -> Nullable<Text>,
         cancel_requested -> Bool,
+        error_signature -> Nullable<Text>,
     }
 }
 

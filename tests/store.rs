@@ -11,7 +11,8 @@ use common::{TestDb, wait_for};
 use errand::job::Registry;
 use errand::maintenance::{MaintenanceConfig, Pruner, Rescuer};
 use errand::store::{
-    AttemptOutcome, Failure, JobFilter, JobState, Lease, NewJob, Retention, Transition, WorkerInfo,
+    AttemptOutcome, BulkAction, DeadAction, DeadFilter, Failure, JobFilter, JobState, Lease,
+    NewJob, Retention, Transition, WorkerInfo,
 };
 use serde_json::json;
 
@@ -757,6 +758,242 @@ fn the_database_clock_is_epoch_milliseconds(db: &TestDb) {
     );
 }
 
+/// Claims `job` and records `error` as its last failure: it goes dead.
+fn bury(db: &TestDb, job: NewJob, error: &str) -> i64 {
+    let id = db.store.job_enqueue(&job.max_attempts(1)).unwrap().id;
+    let queue = db.store.job_get(id).unwrap().unwrap().queue;
+    let claimed = db.store.jobs_claim(&queue, WORKER, 1000).unwrap();
+    let (target, others): (Vec<_>, Vec<_>) = claimed.into_iter().partition(|j| j.id == id);
+    let failure = Failure {
+        retry_in: None,
+        ..retry_now(error)
+    };
+    db.store.job_fail(target[0].lease(), &failure).unwrap();
+    let others: Vec<Lease> = others.iter().map(|j| j.lease()).collect();
+    db.store.jobs_release(&others).unwrap();
+    assert_eq!(state_of(db, id), JobState::Dead);
+    id
+}
+
+fn dead_letters_group_by_kind_and_error_signature(db: &TestDb) {
+    let a = bury(db, job("mail"), "mailbox 1042 full");
+    let b = bury(db, job("mail"), "mailbox 77 full");
+    let c = bury(db, job("mail"), "address rejected");
+    let d = bury(db, job("sms").queue("other"), "mailbox 5 full");
+    let dead = db.store.job_get(a).unwrap().unwrap();
+    assert_eq!(dead.error_signature.as_deref(), Some("mailbox # full"));
+    let groups = db.store.dead_groups(None, None).unwrap();
+    let summary: Vec<(String, String, i64, i64)> = groups
+        .iter()
+        .map(|g| (g.kind.clone(), g.signature.clone(), g.count, g.sample_id))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("mail".into(), "mailbox # full".into(), 2, b),
+            ("mail".into(), "address rejected".into(), 1, c),
+            ("sms".into(), "mailbox # full".into(), 1, d),
+        ]
+    );
+    assert_eq!(groups[0].sample_error.as_deref(), Some("mailbox 77 full"));
+    assert!(groups[0].first_at <= groups[0].last_at);
+    assert_eq!(db.store.dead_groups(Some("other"), None).unwrap().len(), 1);
+    assert_eq!(db.store.dead_groups(None, Some("mail")).unwrap().len(), 2);
+    // Replaying clears the signature; the group shrinks.
+    db.store.job_retry(a).unwrap();
+    assert!(
+        db.store
+            .job_get(a)
+            .unwrap()
+            .unwrap()
+            .error_signature
+            .is_none()
+    );
+    assert_eq!(
+        db.store.dead_groups(None, Some("mail")).unwrap()[0].count,
+        1
+    );
+}
+
+fn dead_letters_replay_and_purge_in_batches_with_progress(db: &TestDb) {
+    let jobs: Vec<NewJob> = (0..2500).map(|_| job("fail").max_attempts(1)).collect();
+    db.store.jobs_enqueue(&jobs).unwrap();
+    let keep = bury(db, job("mail").queue("mail"), "kept");
+    loop {
+        let claimed = db.store.jobs_claim("default", WORKER, 500).unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        for j in claimed {
+            let failure = Failure {
+                retry_in: None,
+                ..retry_now("boom 1")
+            };
+            db.store.job_fail(j.lease(), &failure).unwrap();
+        }
+    }
+    let group = DeadFilter {
+        kind: Some("fail".into()),
+        signature: Some("boom #".into()),
+        ..DeadFilter::default()
+    };
+    assert_eq!(db.store.jobs_dead_count(&group).unwrap(), 2500);
+    let mut reports = Vec::new();
+    let replayed = db
+        .store
+        .jobs_dead_apply(&group, DeadAction::Replay, |done| reports.push(done))
+        .unwrap();
+    assert_eq!(replayed, 2500);
+    assert_eq!(
+        reports,
+        vec![1000, 2000, 2500],
+        "progress after every batch"
+    );
+    assert_eq!(db.store.jobs_dead_count(&group).unwrap(), 0);
+    assert_eq!(state_of(db, keep), JobState::Dead, "other groups untouched");
+    let purged = db
+        .store
+        .jobs_dead_apply(
+            &DeadFilter {
+                queue: Some("mail".into()),
+                ..DeadFilter::default()
+            },
+            DeadAction::Purge,
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert!(db.store.job_get(keep).unwrap().is_none());
+}
+
+fn search_and_scheduled_filters_narrow_the_list(db: &TestDb) {
+    let plain = db
+        .store
+        .job_enqueue(&NewJob::new("noop", json!({"email": "Ada@Example.com"})))
+        .unwrap()
+        .id;
+    db.store
+        .job_enqueue(&NewJob::new("noop", json!({"pct": "100%_off"})))
+        .unwrap();
+    let later = db
+        .store
+        .job_enqueue(&NewJob::new("noop", json!({})).delay(Duration::from_secs(3600)))
+        .unwrap()
+        .id;
+    let failed = bury(db, job("mail"), "SMTP said: user unknown");
+    let search = |text: &str| -> Vec<i64> {
+        db.store
+            .jobs_list(&JobFilter {
+                search: Some(text.into()),
+                ..Default::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect()
+    };
+    assert_eq!(search("ada@example"), vec![plain], "args, any case");
+    assert_eq!(search("USER UNKNOWN"), vec![failed], "errors too");
+    assert_eq!(search("100%_"), search("100%_off"), "wildcards are literal");
+    assert!(search("%").len() == 1 && search("_").len() == 1);
+    assert!(search("nothing like this").is_empty());
+    let scheduled: Vec<i64> = db
+        .store
+        .jobs_list(&JobFilter {
+            states: vec![JobState::Queued],
+            scheduled: Some(true),
+            ..Default::default()
+        })
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(scheduled, vec![later]);
+}
+
+fn a_dead_job_can_be_replayed_with_edited_args(db: &TestDb) {
+    let id = bury(db, job("mail"), "bad address");
+    let t = db
+        .store
+        .job_retry_with_args(id, r#"{"to": "fixed@example.com"}"#)
+        .unwrap();
+    assert_eq!(t, Transition::Applied(JobState::Queued));
+    let j = db.store.job_get(id).unwrap().unwrap();
+    assert_eq!(j.args, r#"{"to": "fixed@example.com"}"#);
+    assert_eq!(
+        db.store.job_retry_with_args(id, "{}").unwrap(),
+        Transition::Refused(JobState::Queued),
+        "only dead or cancelled jobs take new args"
+    );
+}
+
+fn bulk_actions_report_what_applied(db: &TestDb) {
+    let ids: Vec<i64> = db
+        .store
+        .jobs_enqueue(&[job("noop"), job("noop"), job("noop")])
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let running = claim_one(db).id;
+    let report = db
+        .store
+        .jobs_bulk(BulkAction::Delete, &[ids[0], ids[1], ids[2], 999_999])
+        .unwrap();
+    assert_eq!((report.applied, report.refused, report.missing), (2, 1, 1));
+    assert_eq!(state_of(db, running), JobState::Running);
+    let report = db.store.jobs_bulk(BulkAction::Cancel, &[running]).unwrap();
+    assert_eq!(report.applied, 1);
+}
+
+fn the_dashboard_counts_queues_and_minutes_from_indexes(db: &TestDb) {
+    db.store
+        .jobs_enqueue(&[
+            job("noop"),
+            job("noop"),
+            job("noop").delay(Duration::from_secs(600)),
+        ])
+        .unwrap();
+    db.store.job_enqueue(&job("noop").queue("mail")).unwrap();
+    let running = claim_one(db);
+    let done = claim_one(db);
+    db.store.jobs_complete(&[done.lease()]).unwrap();
+    bury(db, job("mail").queue("mail"), "boom");
+    db.store.queue_set_paused("idle", true).unwrap();
+    let d = db.store.dashboard().unwrap();
+    let q = |name: &str| d.queues.iter().find(|q| q.name == name).unwrap().clone();
+    let default = q("default");
+    assert_eq!(
+        (
+            default.ready,
+            default.scheduled,
+            default.running,
+            default.retrying,
+            default.dead
+        ),
+        (0, 1, 1, 0, 0)
+    );
+    assert_eq!(default.completed_last_hour, 1);
+    assert!(
+        default.oldest_claimable_at.is_none(),
+        "nothing claimable waits"
+    );
+    let mail = q("mail");
+    assert_eq!((mail.ready, mail.dead, mail.failed_last_hour), (1, 1, 1));
+    assert_eq!(mail.failure_rate(), Some(1.0));
+    assert!(mail.oldest_claimable_at.unwrap() <= d.now_ms);
+    assert!(q("idle").paused);
+    assert_eq!(d.minutes.len(), 60);
+    assert_eq!(d.minutes.iter().map(|m| m.completed).sum::<i64>(), 1);
+    assert_eq!(d.minutes.iter().map(|m| m.failed).sum::<i64>(), 1);
+    assert_eq!(
+        d.minutes[59].completed + d.minutes[58].completed,
+        1,
+        "in the last minutes"
+    );
+    let _ = running;
+}
+
 fn processes_starting_together_on_a_fresh_database_migrate_it_once(backend: common::Backend) {
     let db = TestDb::unmigrated(backend);
     let starters = 4;
@@ -780,13 +1017,20 @@ fn processes_starting_together_on_a_fresh_database_migrate_it_once(backend: comm
     applied.sort();
     applied.dedup();
     assert_eq!(total, applied.len(), "a migration was applied twice");
-    assert_eq!(total, 2, "every migration applied: {applied:?}");
+    let migrations = std::fs::read_dir("migrations/postgres").unwrap().count();
+    assert_eq!(total, migrations, "every migration applied: {applied:?}");
     assert!(db.store.job_enqueue(&job("noop")).is_ok());
 }
 
 on_both_backends_raw!(processes_starting_together_on_a_fresh_database_migrate_it_once);
 
 on_both_backends!(
+    dead_letters_group_by_kind_and_error_signature,
+    dead_letters_replay_and_purge_in_batches_with_progress,
+    search_and_scheduled_filters_narrow_the_list,
+    a_dead_job_can_be_replayed_with_edited_args,
+    bulk_actions_report_what_applied,
+    the_dashboard_counts_queues_and_minutes_from_indexes,
     enqueued_job_is_stored_queued_with_defaults,
     a_batch_is_enqueued_in_input_order,
     a_unique_key_returns_the_unfinished_job_instead_of_a_duplicate,

@@ -53,13 +53,40 @@ pub enum Once {
     Mismatch,
 }
 
-/// Which dead jobs [`Store::jobs_retry_dead`] replays; unset fields match
-/// every job.
+/// Which dead jobs a bulk action touches; unset fields match every job.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeadFilter {
     pub queue: Option<String>,
     pub kind: Option<String>,
+    /// A dead-letter group's error signature (with `kind`, the group).
+    pub signature: Option<String>,
     pub ids: Option<Vec<i64>>,
+}
+
+/// What to do with matching dead jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadAction {
+    /// Back to `queued`, history kept.
+    Replay,
+    /// Delete, with their attempts.
+    Purge,
+}
+
+/// An operator's action on several jobs by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkAction {
+    Retry,
+    Cancel,
+    Delete,
+}
+
+/// What a bulk action did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BulkReport {
+    pub applied: usize,
+    /// In a state the action does not fit (e.g. deleting a running job).
+    pub refused: usize,
+    pub missing: usize,
 }
 
 /// Which jobs [`Store::jobs_list`] returns, newest first.
@@ -71,6 +98,11 @@ pub struct JobFilter {
     pub kind: Option<String>,
     /// Keyset pagination: only jobs with an id below this one.
     pub before_id: Option<i64>,
+    /// Only jobs whose args or last error contain this text (any case).
+    pub search: Option<String>,
+    /// `Some(true)`: only jobs whose `run_at` is ahead (scheduled);
+    /// `Some(false)`: only jobs due now.
+    pub scheduled: Option<bool>,
     /// At most this many (clamped to 1..=1000; 0 means 25).
     pub limit: i64,
 }
@@ -161,6 +193,18 @@ fn fenced(id: i64, lease_id: i64) -> _ {
         .filter(jobs::id.eq(id))
         .filter(jobs::lease_id.eq(lease_id))
         .filter(jobs::state.eq(running))
+}
+
+/// `text` with LIKE's wildcards escaped (the escape character is `\`).
+fn escape_like(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// `NOW + ?`: the database clock plus a bound number of milliseconds.
@@ -324,6 +368,7 @@ impl Store {
         };
         let delay = failure.retry_in.map(millis).unwrap_or(0);
         let error = cap_error(&failure.error);
+        let signature = dead.then(|| super::types::error_signature(&failure.error));
         with_conn!(self, c => c.write_tx(|c| {
             let finished = sql::<Nullable<BigInt>>("CASE WHEN cancel_requested OR ")
                 .bind::<Bool, _>(dead)
@@ -338,6 +383,7 @@ impl Store {
                     jobs::heartbeat_at.eq(None::<i64>),
                     jobs::deadline_at.eq(None::<i64>),
                     jobs::last_error.eq(&error),
+                    jobs::error_signature.eq(&signature),
                     jobs::rescue_count.eq(jobs::rescue_count + i32::from(rescued)),
                 ))
                 .returning((jobs::state, jobs::attempt, jobs::locked_by, jobs::started_at))
@@ -452,12 +498,47 @@ impl Store {
     }
 
     /// Replays every dead job matching `filter` (as [`Store::job_retry`]
-    /// does one), a batch of 1,000 per transaction so that neither a
-    /// statement nor a lock lasts long. Each job is replayed at most once per
-    /// call, even if it dies again meanwhile. Returns how many were replayed.
+    /// does one). See [`Store::jobs_dead_apply`].
     pub fn jobs_retry_dead(&self, filter: &DeadFilter) -> Result<usize> {
+        self.jobs_dead_apply(filter, DeadAction::Replay, |_| {})
+    }
+
+    /// How many dead jobs match `filter`.
+    pub fn jobs_dead_count(&self, filter: &DeadFilter) -> Result<i64> {
+        with_conn!(self, c => {
+            let mut query = jobs::table
+                .filter(jobs::state.eq(JobState::Dead))
+                .select(count_star())
+                .into_boxed();
+            if let Some(queue) = &filter.queue {
+                query = query.filter(jobs::queue.eq(queue.clone()));
+            }
+            if let Some(kind) = &filter.kind {
+                query = query.filter(jobs::kind.eq(kind.clone()));
+            }
+            if let Some(signature) = &filter.signature {
+                query = query.filter(jobs::error_signature.eq(signature.clone()));
+            }
+            if let Some(ids) = &filter.ids {
+                query = query.filter(jobs::id.eq_any(ids.clone()));
+            }
+            Ok(query.get_result(c)?)
+        })
+    }
+
+    /// Replays or purges every dead job matching `filter`, 1,000 per
+    /// transaction so that neither a statement nor a lock lasts long, and
+    /// reports the running total to `progress` after each batch. Each job is
+    /// touched at most once per call, even if it dies again meanwhile.
+    /// Returns how many jobs were replayed or purged.
+    pub fn jobs_dead_apply(
+        &self,
+        filter: &DeadFilter,
+        action: DeadAction,
+        mut progress: impl FnMut(usize),
+    ) -> Result<usize> {
         const BATCH: i64 = 1000;
-        let mut replayed = 0;
+        let mut done = 0;
         let mut after = 0;
         loop {
             let (n, last, queues) = with_conn!(self, c => c.write_tx(|c| {
@@ -474,32 +555,78 @@ impl Store {
                 if let Some(kind) = &filter.kind {
                     query = query.filter(jobs::kind.eq(kind.clone()));
                 }
+                if let Some(signature) = &filter.signature {
+                    query = query.filter(jobs::error_signature.eq(signature.clone()));
+                }
                 if let Some(ids) = &filter.ids {
                     query = query.filter(jobs::id.eq_any(ids.clone()));
                 }
                 let batch: Vec<(i64, String)> = query.load(c)?;
                 let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
-                let n = if ids.is_empty() {
-                    0
-                } else {
-                    diesel::update(
-                        jobs::table
-                            .filter(jobs::id.eq_any(&ids))
-                            .filter(jobs::state.eq(JobState::Dead)),
-                    )
-                    .set(requeue(c))
-                    .execute(c)?
+                let still_dead = jobs::table
+                    .filter(jobs::id.eq_any(&ids))
+                    .filter(jobs::state.eq(JobState::Dead));
+                let n = match (ids.is_empty(), action) {
+                    (true, _) => 0,
+                    (false, DeadAction::Replay) => {
+                        diesel::update(still_dead).set(requeue(c)).execute(c)?
+                    }
+                    (false, DeadAction::Purge) => diesel::delete(still_dead).execute(c)?,
                 };
                 let queues: HashSet<String> = batch.into_iter().map(|(_, q)| q).collect();
                 Ok((n, ids.last().copied(), queues))
             }))?;
-            replayed += n;
-            self.announce(queues.iter().map(String::as_str))?;
+            done += n;
+            if action == DeadAction::Replay {
+                self.announce(queues.iter().map(String::as_str))?;
+            }
             match last {
-                Some(last) => after = last,
-                None => return Ok(replayed),
+                Some(last) => {
+                    after = last;
+                    progress(done);
+                }
+                None => return Ok(done),
             }
         }
+    }
+
+    /// Replays a dead or cancelled job with new args (JSON text).
+    pub fn job_retry_with_args(&self, id: i64, args: &str) -> Result<Transition> {
+        let queue = with_conn!(self, c => diesel::update(
+            jobs::table
+                .filter(jobs::id.eq(id))
+                .filter(jobs::state.eq_any([JobState::Dead, JobState::Cancelled])),
+        )
+        .set((jobs::args.eq(args), requeue(c)))
+        .returning(jobs::queue)
+        .get_result::<String>(c)
+        .optional()?);
+        match queue {
+            Some(queue) => {
+                self.announce([queue.as_str()])?;
+                Ok(Transition::Applied(JobState::Queued))
+            }
+            None => self.refused_or_missing(id),
+        }
+    }
+
+    /// Retries, cancels or deletes several jobs, each as its single-job
+    /// action would.
+    pub fn jobs_bulk(&self, action: BulkAction, ids: &[i64]) -> Result<BulkReport> {
+        let mut report = BulkReport::default();
+        for &id in ids {
+            let transition = match action {
+                BulkAction::Retry => self.job_retry(id)?,
+                BulkAction::Cancel => self.job_cancel(id)?,
+                BulkAction::Delete => self.job_delete(id)?,
+            };
+            match transition {
+                Transition::Applied(_) => report.applied += 1,
+                Transition::Refused(_) => report.refused += 1,
+                Transition::Missing => report.missing += 1,
+            }
+        }
+        Ok(report)
     }
 
     /// Deletes a job and its attempts, unless it is running (cancel it first).
@@ -562,6 +689,20 @@ impl Store {
             }
             if let Some(before) = filter.before_id {
                 query = query.filter(jobs::id.lt(before));
+            }
+            if let Some(text) = &filter.search {
+                let pattern = format!("%{}%", escape_like(&text.to_lowercase()));
+                query = query.filter(
+                    sql::<Bool>("(LOWER(jobs.args) LIKE ")
+                        .bind::<Text, _>(pattern.clone())
+                        .sql(" ESCAPE '\\' OR LOWER(COALESCE(jobs.last_error, '')) LIKE ")
+                        .bind::<Text, _>(pattern)
+                        .sql(" ESCAPE '\\')"),
+                );
+            }
+            if let Some(ahead) = filter.scheduled {
+                let op = if ahead { ">" } else { "<=" };
+                query = query.filter(sql::<Bool>(&format!("jobs.run_at {op} {}", now_sql(c))));
             }
             Ok(query.order(jobs::id.desc()).limit(limit).load(c)?)
         })
@@ -643,6 +784,7 @@ fn requeue<C: Dialect>(
     diesel::dsl::Eq<jobs::cancel_requested, bool>,
     diesel::dsl::Eq<jobs::rescue_count, i32>,
     diesel::dsl::Eq<jobs::max_attempts, diesel::expression::SqlLiteral<Integer>>,
+    diesel::dsl::Eq<jobs::error_signature, Option<String>>,
 ) {
     (
         jobs::state.eq(JobState::Queued),
@@ -653,6 +795,7 @@ fn requeue<C: Dialect>(
         jobs::max_attempts.eq(sql::<Integer>(
             "CASE WHEN max_attempts > attempt THEN max_attempts ELSE attempt + 1 END",
         )),
+        jobs::error_signature.eq(None::<String>),
     )
 }
 

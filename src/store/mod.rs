@@ -66,13 +66,13 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 use crate::wake::Wake;
 
-pub use admin::{AuditEntry, QueueOverview};
+pub use admin::{AuditEntry, Dashboard, DeadGroup, Minute, QueueOverview, QueueSummary};
 pub use coord::{LeaderTerm, Overdue, PruneReport, Retention, WorkerInfo};
 pub(crate) use jobs::NOTIFY_CHANNEL;
-pub use jobs::{DeadFilter, Enqueued, JobFilter, Once};
+pub use jobs::{BulkAction, BulkReport, DeadAction, DeadFilter, Enqueued, JobFilter, Once};
 pub use types::{
     Attempt, AttemptOutcome, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT, Failure, Job,
-    JobState, Lease, NewJob, QueueCount, QueueInfo, Schedule, Transition,
+    JobState, Lease, NewJob, QueueCount, QueueInfo, Schedule, Transition, error_signature,
 };
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");

@@ -180,6 +180,9 @@ pub struct Job {
     /// Set when an operator cancels a running job; the worker sees it at its
     /// next heartbeat.
     pub cancel_requested: bool,
+    /// For a dead job: its error with ids and numbers normalised away (see
+    /// [`error_signature`]), which groups dead letters.
+    pub error_signature: Option<String>,
 }
 
 impl Job {
@@ -335,4 +338,66 @@ pub struct QueueInfo {
     pub name: String,
     pub paused: bool,
     pub updated_at: i64,
+}
+
+/// An error's signature: its first non-empty line with every word that holds
+/// a digit (ids, counts, addresses, timestamps) replaced by `#`, at most 200
+/// characters. Dead letters with the same kind and signature are one group.
+pub fn error_signature(error: &str) -> String {
+    let line = error
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    let mut out = String::with_capacity(line.len().min(200));
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.chars().any(|c| c.is_ascii_digit()) {
+            // "#-#-#" for a UUID would still differ by length; one # is enough.
+            if !out.ends_with('#') {
+                out.push('#');
+            }
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in line.chars() {
+        if c.is_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            // A separator between two numbers (1.5, 10:30, a-b-c ids)
+            // belongs to the number.
+            if !(out.ends_with('#') && matches!(c, '.' | ':' | '-' | '/' | ',')) {
+                out.push(c);
+            }
+        }
+    }
+    flush(&mut word, &mut out);
+    out.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_drop_ids_and_numbers() {
+        assert_eq!(
+            error_signature("order 1042 failed: HTTP 503 after 2.5s"),
+            "order # failed: HTTP # after #"
+        );
+        assert_eq!(
+            error_signature("user 550e8400-e29b-41d4-a716-446655440000 not found\nbacktrace..."),
+            "user # not found"
+        );
+        assert_eq!(
+            error_signature("connection refused (os error 111)"),
+            error_signature("connection refused (os error 113)")
+        );
+        assert_ne!(error_signature("timeout"), error_signature("refused"));
+        assert_eq!(error_signature("\n\n  "), "");
+        assert_eq!(error_signature(&"x ".repeat(300)).chars().count(), 200);
+    }
 }

@@ -816,6 +816,7 @@ async fn list_jobs(
         kind: params.kind.clone(),
         before_id: params.after,
         limit,
+        ..JobFilter::default()
     };
     let store = state.store.clone();
     let (jobs, now) = blocking(move || Ok((store.jobs_list(&filter)?, store.now_ms()?))).await?;
@@ -1027,6 +1028,7 @@ async fn replay_dead(
         queue: r.queue,
         kind: r.kind,
         ids: r.ids,
+        signature: None,
     };
     let store = state.store.clone();
     let actor = actor.into_inner();
