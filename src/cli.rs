@@ -93,6 +93,17 @@ struct ServeArgs {
     )]
     api_tokens: Vec<String>,
 
+    /// A dashboard user, as name:password:role (role admin or viewer);
+    /// repeat the flag (or separate with commas in the variable) for more.
+    /// Without one the dashboard answers on a loopback address only.
+    #[arg(
+        long = "dashboard-user",
+        env = "ERRAND_DASHBOARD_USERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    dashboard_users: Vec<crate::web::access::DashboardUser>,
+
     /// Largest request body accepted by the API, in bytes.
     #[arg(long, env = "ERRAND_BODY_LIMIT", default_value_t = 4 * 1024 * 1024)]
     body_limit: usize,
@@ -377,6 +388,7 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
         body_limit: args.body_limit,
         batch_max: args.batch_max,
         idempotency_ttl: args.idempotency_ttl,
+        dashboard_users: args.dashboard_users.clone(),
     };
     // Bind before starting workers, so that a taken port fails fast.
     let listener = TcpListener::bind(&args.bind).map_err(|e| {

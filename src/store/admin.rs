@@ -384,3 +384,41 @@ impl Store {
             .collect())
     }
 }
+
+impl Store {
+    /// Queue names worth offering as filters: paused queues, queues live
+    /// workers serve, and queues with unfinished or dead jobs (read through
+    /// the indexes on those states, never the whole table).
+    pub fn dashboard_queue_names(&self) -> Result<Vec<String>> {
+        let (paused, served, active) = with_conn!(self, c => {
+            let paused = queues::table.select(queues::name).load::<String>(c)?;
+            let served = crate::schema::workers::table
+                .select(crate::schema::workers::queues)
+                .load::<String>(c)?;
+            let active = jobs::table
+                .filter(jobs::state.eq_any([
+                    JobState::Queued,
+                    JobState::Running,
+                    JobState::Retrying,
+                    JobState::Dead,
+                ]))
+                .select(jobs::queue)
+                .distinct()
+                .load::<String>(c)?;
+            (paused, served, active)
+        });
+        let mut names: Vec<String> = paused;
+        names.extend(active);
+        for spec in served {
+            names.extend(
+                spec.split(',')
+                    .filter_map(|q| q.split('=').next())
+                    .filter(|q| !q.is_empty())
+                    .map(str::to_string),
+            );
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}

@@ -103,6 +103,8 @@ pub struct JobFilter {
     /// `Some(true)`: only jobs whose `run_at` is ahead (scheduled);
     /// `Some(false)`: only jobs due now.
     pub scheduled: Option<bool>,
+    /// Only dead jobs with this error signature (a dead-letter group).
+    pub signature: Option<String>,
     /// At most this many (clamped to 1..=1000; 0 means 25).
     pub limit: i64,
 }
@@ -699,6 +701,9 @@ impl Store {
                         .bind::<Text, _>(pattern)
                         .sql(" ESCAPE '\\')"),
                 );
+            }
+            if let Some(signature) = &filter.signature {
+                query = query.filter(jobs::error_signature.eq(signature.clone()));
             }
             if let Some(ahead) = filter.scheduled {
                 let op = if ahead { ">" } else { "<=" };

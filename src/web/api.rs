@@ -708,7 +708,7 @@ fn time(ms: i64) -> String {
         .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn job_body(job: Job, now_ms: i64) -> JobBody {
+pub(crate) fn job_body(job: Job, now_ms: i64) -> JobBody {
     let args = serde_json::value::RawValue::from_string(job.args)
         .unwrap_or_else(|_| serde_json::value::RawValue::from_string("null".into()).expect("null"));
     JobBody {

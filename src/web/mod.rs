@@ -6,7 +6,9 @@
 //! and reading a JSON body with limits. Store calls run inside
 //! `web::block`, never on the async threads.
 
+pub mod access;
 pub mod api;
+pub mod pages;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub struct WebConfig {
     pub batch_max: usize,
     /// How long an `Idempotency-Key` is remembered. Default 24 h.
     pub idempotency_ttl: Duration,
+    /// Dashboard users. None: the dashboard answers only on loopback.
+    pub dashboard_users: Vec<access::DashboardUser>,
 }
 
 impl Default for WebConfig {
@@ -48,6 +52,7 @@ impl Default for WebConfig {
             body_limit: 4 * 1024 * 1024,
             batch_max: 1000,
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            dashboard_users: Vec::new(),
         }
     }
 }
@@ -62,6 +67,8 @@ pub struct AppState {
     /// SHA-256 of each API token: compared in constant time, and the first
     /// bytes name the token in the audit log without revealing it.
     token_digests: Arc<Vec<[u8; 32]>>,
+    pub(crate) access: Arc<access::Access>,
+    pub(crate) tasks: Arc<pages::Tasks>,
 }
 
 impl AppState {
@@ -72,6 +79,8 @@ impl AppState {
             .map(|t| digest(t.as_bytes()))
             .collect();
         AppState {
+            access: Arc::new(access::Access::new(&config.dashboard_users)),
+            tasks: Arc::default(),
             store,
             registry,
             metrics,
@@ -88,11 +97,22 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 /// Refuses to expose an unauthenticated API: without tokens, only a
 /// loopback address may be bound.
 pub fn check_exposure(address: SocketAddr, config: &WebConfig) -> Result<(), String> {
-    if config.api_tokens.is_empty() && !address.ip().is_loopback() {
+    if address.ip().is_loopback() {
+        return Ok(());
+    }
+    if config.api_tokens.is_empty() {
         return Err(format!(
             "refusing to listen on {address} without an API token: anyone who can reach it \
              could enqueue, retry and delete jobs. Set one with --api-token (or \
              ERRAND_API_TOKENS, comma-separated), or bind to 127.0.0.1"
+        ));
+    }
+    if config.dashboard_users.is_empty() {
+        return Err(format!(
+            "refusing to listen on {address} without dashboard users: anyone who can reach \
+             it could act on jobs from the dashboard. Add one with --dashboard-user \
+             name:password:admin (or ERRAND_DASHBOARD_USERS, comma-separated), or bind to \
+             127.0.0.1"
         ));
     }
     Ok(())
@@ -482,6 +502,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::scope("/api")
                 .wrap(from_fn(require_token))
                 .configure(api::routes),
+        )
+        .configure(pages::static_routes)
+        .service(
+            web::scope("")
+                .wrap(from_fn(access::guard))
+                .configure(pages::routes),
         );
 }
 
@@ -552,6 +578,12 @@ mod tests {
             api_tokens: vec!["s3cret".into()],
             ..WebConfig::default()
         };
-        assert!(check_exposure(open, &with_token).is_ok());
+        let err = check_exposure(open, &with_token).unwrap_err();
+        assert!(err.contains("--dashboard-user"), "{err}");
+        let with_both = WebConfig {
+            dashboard_users: vec!["ada:pw:admin".parse().unwrap()],
+            ..with_token
+        };
+        assert!(check_exposure(open, &with_both).is_ok());
     }
 }

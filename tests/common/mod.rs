@@ -302,6 +302,7 @@ pub struct Http {
     agent: ureq::Agent,
     base: String,
     token: Option<String>,
+    basic: Option<String>,
 }
 
 /// A response, read whole.
@@ -348,7 +349,30 @@ impl Http {
             agent,
             base: base.to_string(),
             token: token.map(str::to_string),
+            basic: None,
         }
+    }
+
+    /// A client that signs in to the dashboard with HTTP Basic.
+    pub fn with_basic(base: &str, user: &str, password: &str) -> Http {
+        use base64::Engine;
+        let mut http = Http::new(base, None);
+        http.basic =
+            Some(base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+        http
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// GET with extra headers.
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut request = self.auth(self.agent.get(format!("{}{path}", self.base)));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        Http::finish(request.call())
     }
 
     fn finish(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
@@ -368,9 +392,10 @@ impl Http {
     }
 
     fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
-        match &self.token {
-            Some(token) => request.header("Authorization", format!("Bearer {token}")),
-            None => request,
+        match (&self.token, &self.basic) {
+            (Some(token), _) => request.header("Authorization", format!("Bearer {token}")),
+            (None, Some(basic)) => request.header("Authorization", format!("Basic {basic}")),
+            (None, None) => request,
         }
     }
 
