@@ -326,6 +326,9 @@ fn serve_refuses_an_open_bind_without_a_token(db: &TestDb) {
     assert_eq!(anonymous.get("/api/stats").status, 401);
     let member = common::Http::new(&format!("http://{address}"), Some("s3cret"));
     assert_eq!(member.get("/api/stats").status, 200);
+    assert_eq!(anonymous.get("/").status, 401, "the dashboard asks for sign-in");
+    let ada = common::Http::with_basic(&format!("http://{address}"), "ada", "pw");
+    assert_eq!(ada.get("/").status, 200);
 }
 
 on_both_backends!(
