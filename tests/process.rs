@@ -317,16 +317,31 @@ fn serve_refuses_an_open_bind_without_a_token(db: &TestDb) {
     let mut open = Proc::start(&db.url, &["serve", "--bind=0.0.0.0:0"]);
     assert!(!open.wait_exit().success());
     open.log_line("refusing to listen on 0.0.0.0");
-    let guarded = Proc::start(
+    let mut token_only = Proc::start(
         &db.url,
         &["serve", "--bind=0.0.0.0:0", "--api-token=s3cret"],
+    );
+    assert!(!token_only.wait_exit().success());
+    token_only.log_line("without dashboard users");
+    let guarded = Proc::start(
+        &db.url,
+        &[
+            "serve",
+            "--bind=0.0.0.0:0",
+            "--api-token=s3cret",
+            "--dashboard-user=ada:pw:admin",
+        ],
     );
     let address = serve_address(&guarded).replace("0.0.0.0", "127.0.0.1");
     let anonymous = common::Http::new(&format!("http://{address}"), None);
     assert_eq!(anonymous.get("/api/stats").status, 401);
     let member = common::Http::new(&format!("http://{address}"), Some("s3cret"));
     assert_eq!(member.get("/api/stats").status, 200);
-    assert_eq!(anonymous.get("/").status, 401, "the dashboard asks for sign-in");
+    assert_eq!(
+        anonymous.get("/").status,
+        401,
+        "the dashboard asks for sign-in"
+    );
     let ada = common::Http::with_basic(&format!("http://{address}"), "ada", "pw");
     assert_eq!(ada.get("/").status, 200);
 }
