@@ -601,6 +601,84 @@ fn dead_letters_replay_by_filter(db: &TestDb) {
         (audit[0].action.as_str(), audit[0].jobs),
         ("dead.replay", 1)
     );
+    // The same selectors purge; a group is kind + error signature.
+    let gone = bury_once(db, "purge-a", "mailbox 7 full");
+    let kept = bury_once(db, "purge-b", "address unknown");
+    let purge = http.post(
+        "/api/dead/purge",
+        &json!({"kind": "fail", "signature": "mailbox # full"}),
+    );
+    assert_eq!(
+        (purge.status, purge.json()["purged"].clone()),
+        (200, json!(1)),
+        "{}",
+        purge.body
+    );
+    assert!(db.store.job_get(gone).unwrap().is_none());
+    assert_eq!(
+        db.store.job_get(kept).unwrap().unwrap().state,
+        JobState::Dead
+    );
+    assert_eq!(http.post("/api/dead/purge", &json!({})).status, 422);
+}
+
+fn bury_once(db: &TestDb, queue: &str, error: &str) -> i64 {
+    let id = db
+        .store
+        .job_enqueue(&NewJob::new("fail", json!({})).queue(queue))
+        .unwrap()
+        .id;
+    let job = db.store.jobs_claim(queue, "test:1:x", 1).unwrap().remove(0);
+    let failure = Failure {
+        outcome: AttemptOutcome::Error,
+        error: error.into(),
+        retry_in: None,
+    };
+    db.store.job_fail(job.lease(), &failure).unwrap();
+    id
+}
+
+fn bulk_actions_act_on_ids(db: &TestDb) {
+    let server = server(db);
+    let http = server.http();
+    let ids: Vec<i64> = (0..3)
+        .map(|_| {
+            http.post("/api/jobs", &json!({"kind": "noop"})).json()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    let running = db
+        .store
+        .jobs_claim("default", "test:1:x", 1)
+        .unwrap()
+        .remove(0)
+        .id;
+    let reply = http.post(
+        "/api/jobs/bulk",
+        &json!({"action": "delete", "ids": [ids[0], ids[1], ids[2], 424242]}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.json(),
+        json!({"applied": 2, "refused": 1, "missing": 1})
+    );
+    assert_eq!(
+        db.store.job_get(running).unwrap().unwrap().state,
+        JobState::Running
+    );
+    assert_eq!(
+        http.post("/api/jobs/bulk", &json!({"action": "explode", "ids": [1]}))
+            .status,
+        422
+    );
+    assert_eq!(
+        http.post("/api/jobs/bulk", &json!({"action": "retry", "ids": []}))
+            .status,
+        422
+    );
+    let audit = &db.store.audit_list(None, 1).unwrap()[0];
+    assert_eq!((audit.action.as_str(), audit.jobs), ("job.delete", 2));
 }
 
 fn queues_pause_resume_and_stats_add_up(db: &TestDb) {
@@ -773,6 +851,8 @@ fn the_openapi_document_validates_and_lists_every_route(db: &TestDb) {
         "POST /api/jobs/{id}/retry",
         "POST /api/jobs/{id}/cancel",
         "POST /api/dead/replay",
+        "POST /api/dead/purge",
+        "POST /api/jobs/bulk",
         "GET /api/queues",
         "POST /api/queues/{name}/pause",
         "POST /api/queues/{name}/resume",
@@ -909,6 +989,7 @@ on_both_backends!(
     the_job_list_filters_and_pages_newest_first,
     job_actions_answer_with_the_status_that_fits_the_state,
     dead_letters_replay_by_filter,
+    bulk_actions_act_on_ids,
     queues_pause_resume_and_stats_add_up,
     tokens_are_required_when_configured,
     an_unavailable_database_gets_503_and_never_a_202,

@@ -21,8 +21,8 @@ use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use super::{Actor, ApiError, AppState, blocking, read_json};
 use crate::store::{
-    Attempt, AttemptOutcome, DeadFilter, Enqueued, Job, JobFilter, JobState, NewJob, Once,
-    QueueOverview, Transition,
+    Attempt, AttemptOutcome, BulkAction, DeadAction, DeadFilter, Enqueued, Job, JobFilter,
+    JobState, NewJob, Once, QueueOverview, Transition,
 };
 
 /// Longest queue or kind name.
@@ -200,6 +200,8 @@ pub struct ReplayRequest {
     queue: Option<String>,
     #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,100}$")]
     kind: Option<String>,
+    /// A dead-letter group's error signature (see the dashboard's groups).
+    signature: Option<String>,
     ids: Option<Vec<i64>>,
     /// Replay every dead job.
     #[serde(default)]
@@ -210,6 +212,33 @@ pub struct ReplayRequest {
 pub struct ReplayBody {
     /// Dead jobs put back to `queued`.
     pub replayed: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PurgeBody {
+    /// Dead jobs deleted.
+    pub purged: usize,
+}
+
+/// One action on several jobs.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkRequest {
+    /// `retry`, `cancel` or `delete`.
+    #[schema(pattern = "^(retry|cancel|delete)$")]
+    action: String,
+    /// 1 to 1,000 job ids.
+    #[schema(min_items = 1, max_items = 1000)]
+    ids: Vec<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BulkBody {
+    pub applied: usize,
+    /// In a state the action does not fit (e.g. deleting a running job).
+    pub refused: usize,
+    /// No such job.
+    pub missing: usize,
 }
 
 /// A queue and its jobs.
@@ -257,7 +286,7 @@ pub struct StatsBody {
     ),
     paths(
         enqueue, enqueue_batch, list_jobs, get_job, retry_job, cancel_job, delete_job,
-        replay_dead, list_queues, pause_queue, resume_queue, stats, healthz_doc, readyz_doc,
+        bulk_jobs, replay_dead, purge_dead, list_queues, pause_queue, resume_queue, stats, healthz_doc, readyz_doc,
         metrics_doc, openapi_doc
     ),
     components(schemas(ErrorBody)),
@@ -350,6 +379,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(list_jobs)),
     )
     .service(resource("/jobs/batch", "POST").route(web::post().to(enqueue_batch)))
+    .service(resource("/jobs/bulk", "POST").route(web::post().to(bulk_jobs)))
     .service(
         resource("/jobs/{id}", "GET, DELETE")
             .route(web::get().to(get_job))
@@ -358,6 +388,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource("/jobs/{id}/retry", "POST").route(web::post().to(retry_job)))
     .service(resource("/jobs/{id}/cancel", "POST").route(web::post().to(cancel_job)))
     .service(resource("/dead/replay", "POST").route(web::post().to(replay_dead)))
+    .service(resource("/dead/purge", "POST").route(web::post().to(purge_dead)))
     .service(resource("/queues", "GET").route(web::get().to(list_queues)))
     .service(resource("/queues/{name}/pause", "POST").route(web::post().to(pause_queue)))
     .service(resource("/queues/{name}/resume", "POST").route(web::post().to(resume_queue)))
@@ -996,11 +1027,52 @@ async fn replay_dead(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json(&req, payload, state.config.body_limit).await?;
+    let replayed = dead_apply(
+        &state,
+        actor.into_inner(),
+        &req,
+        payload,
+        DeadAction::Replay,
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(ReplayBody { replayed }))
+}
+
+/// Delete dead jobs matching a filter, with their attempts.
+#[utoipa::path(
+    post, path = "/api/dead/purge", tag = "jobs",
+    request_body = ReplayRequest,
+    responses(
+        (status = 200, description = "How many dead jobs were deleted", body = PurgeBody),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 413, description = "Body over the size limit", body = ErrorBody),
+        (status = 415, description = "Body not JSON", body = ErrorBody),
+        (status = 422, description = "No filter and no `all`, or a bad name", body = ErrorBody),
+    )
+)]
+async fn purge_dead(
+    state: web::Data<AppState>,
+    actor: web::ReqData<Actor>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let purged = dead_apply(&state, actor.into_inner(), &req, payload, DeadAction::Purge).await?;
+    Ok(HttpResponse::Ok().json(PurgeBody { purged }))
+}
+
+/// Replays or purges the dead jobs a request names, in batches, and audits it.
+async fn dead_apply(
+    state: &AppState,
+    actor: Actor,
+    req: &HttpRequest,
+    payload: web::Payload,
+    action: DeadAction,
+) -> Result<usize, ApiError> {
+    let body = read_json(req, payload, state.config.body_limit).await?;
     let r: ReplayRequest = from_value(body)?;
-    if r.queue.is_none() && r.kind.is_none() && r.ids.is_none() && !r.all {
+    if r.queue.is_none() && r.kind.is_none() && r.ids.is_none() && r.signature.is_none() && !r.all {
         return Err(ApiError::invalid(
-            "name a queue, a kind or ids to replay, or send \"all\": true to replay every dead job",
+            "name a queue, a kind, a signature or ids, or send \"all\": true to take every dead job",
         ));
     }
     if let Some(queue) = &r.queue {
@@ -1009,36 +1081,93 @@ async fn replay_dead(
     if let Some(kind) = &r.kind {
         check_name("kind", kind)?;
     }
-    let target = format!(
-        "dead jobs{}{}{}",
-        r.queue
-            .as_ref()
-            .map(|q| format!(" queue={q}"))
-            .unwrap_or_default(),
-        r.kind
-            .as_ref()
-            .map(|k| format!(" kind={k}"))
-            .unwrap_or_default(),
-        r.ids
-            .as_ref()
-            .map(|i| format!(" ids={}", i.len()))
-            .unwrap_or_default(),
-    );
+    let mut target = String::from("dead jobs");
+    for (name, value) in [
+        ("queue", &r.queue),
+        ("kind", &r.kind),
+        ("signature", &r.signature),
+    ] {
+        if let Some(value) = value {
+            target.push_str(&format!(" {name}={value}"));
+        }
+    }
+    if let Some(ids) = &r.ids {
+        target.push_str(&format!(" ids={}", ids.len()));
+    }
     let filter = DeadFilter {
         queue: r.queue,
         kind: r.kind,
         ids: r.ids,
-        signature: None,
+        signature: r.signature,
     };
     let store = state.store.clone();
-    let actor = actor.into_inner();
-    let replayed = blocking(move || {
-        let n = store.jobs_retry_dead(&filter)?;
-        store.audit_record(&actor.0, "dead.replay", &target, n as i64, None)?;
+    let audit = match action {
+        DeadAction::Replay => "dead.replay",
+        DeadAction::Purge => "dead.purge",
+    };
+    blocking(move || {
+        let n = store.jobs_dead_apply(&filter, action, |_| {})?;
+        store.audit_record(&actor.0, audit, &target, n as i64, None)?;
         Ok(n)
     })
+    .await
+}
+
+/// Retry, cancel or delete several jobs by id.
+#[utoipa::path(
+    post, path = "/api/jobs/bulk", tag = "jobs",
+    request_body = BulkRequest,
+    responses(
+        (status = 200, description = "What applied; the rest were in a state the action does not fit, or gone", body = BulkBody),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 413, description = "Body over the size limit", body = ErrorBody),
+        (status = 415, description = "Body not JSON", body = ErrorBody),
+        (status = 422, description = "Unknown action, or no ids or more than 1,000", body = ErrorBody),
+    )
+)]
+async fn bulk_jobs(
+    state: web::Data<AppState>,
+    actor: web::ReqData<Actor>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_json(&req, payload, state.config.body_limit).await?;
+    let r: BulkRequest = from_value(body)?;
+    let action = match r.action.as_str() {
+        "retry" => BulkAction::Retry,
+        "cancel" => BulkAction::Cancel,
+        "delete" => BulkAction::Delete,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "action '{other}': use retry, cancel or delete"
+            )));
+        }
+    };
+    if r.ids.is_empty() || r.ids.len() > 1000 {
+        return Err(ApiError::invalid(format!(
+            "give 1 to 1000 ids, not {}",
+            r.ids.len()
+        )));
+    }
+    let store = state.store.clone();
+    let actor = actor.into_inner();
+    let report = blocking(move || {
+        let report = store.jobs_bulk(action, &r.ids)?;
+        store.audit_record(
+            &actor.0,
+            &format!("job.{}", r.action),
+            &format!("{} jobs by id", r.ids.len()),
+            report.applied as i64,
+            None,
+        )?;
+        Ok(report)
+    })
     .await?;
-    Ok(HttpResponse::Ok().json(ReplayBody { replayed }))
+    Ok(HttpResponse::Ok().json(BulkBody {
+        applied: report.applied,
+        refused: report.refused,
+        missing: report.missing,
+    }))
 }
 
 // ---------------------------------------------------------------------------
