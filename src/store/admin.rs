@@ -10,6 +10,11 @@ use diesel::sql_types::{BigInt, Bool, Nullable};
 use super::{Dialect, JobState, Result, Store, now};
 use crate::schema::{audit_log, job_attempts, jobs, queues};
 
+/// The predicates of the partial indexes `jobs_unfinished` and
+/// `jobs_dead_groups`, as the queries must spell them to use them.
+const UNFINISHED_SQL: &str = "jobs.state IN ('queued', 'retrying', 'running')";
+const DEAD_SQL: &str = "jobs.state = 'dead'";
+
 /// One queue at a glance.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueOverview {
@@ -232,13 +237,17 @@ impl Store {
                 "MIN(CASE WHEN jobs.state IN ('queued', 'retrying') AND jobs.run_at <= {now_ms} \
                  THEN jobs.run_at END)"
             ));
+            // Literal predicates, here and below, so that the partial
+            // indexes `jobs_unfinished` and `jobs_dead_groups` apply: SQLite
+            // uses a partial index only for a term identical to its WHERE,
+            // and PostgreSQL cannot prove one from a bound array.
             let waiting = jobs::table
-                .filter(jobs::state.eq_any([JobState::Queued, JobState::Retrying, JobState::Running]))
+                .filter(sql::<Bool>(UNFINISHED_SQL))
                 .group_by((jobs::queue, jobs::state))
                 .select((jobs::queue, jobs::state, count_star(), scheduled, oldest))
                 .load::<(String, JobState, i64, i64, Option<i64>)>(c)?;
             let dead = jobs::table
-                .filter(jobs::state.eq(JobState::Dead))
+                .filter(sql::<Bool>(DEAD_SQL))
                 .group_by(jobs::queue)
                 .select((jobs::queue, count_star()))
                 .load::<(String, i64)>(c)?;
@@ -338,7 +347,7 @@ impl Store {
     pub fn dead_groups(&self, queue: Option<&str>, kind: Option<&str>) -> Result<Vec<DeadGroup>> {
         let rows = with_conn!(self, c => {
             let mut query = jobs::table
-                .filter(sql::<Bool>("jobs.state = 'dead'"))
+                .filter(sql::<Bool>(DEAD_SQL))
                 .group_by((jobs::kind, jobs::error_signature))
                 .select((
                     jobs::kind,
@@ -395,17 +404,18 @@ impl Store {
             let served = crate::schema::workers::table
                 .select(crate::schema::workers::queues)
                 .load::<String>(c)?;
-            let active = jobs::table
-                .filter(jobs::state.eq_any([
-                    JobState::Queued,
-                    JobState::Running,
-                    JobState::Retrying,
-                    JobState::Dead,
-                ]))
+            // One query per partial index: each reads its index only.
+            let unfinished = jobs::table
+                .filter(sql::<Bool>(UNFINISHED_SQL))
                 .select(jobs::queue)
                 .distinct()
                 .load::<String>(c)?;
-            (paused, served, active)
+            let dead = jobs::table
+                .filter(sql::<Bool>(DEAD_SQL))
+                .select(jobs::queue)
+                .distinct()
+                .load::<String>(c)?;
+            (paused, served, [unfinished, dead].concat())
         });
         let mut names: Vec<String> = paused;
         names.extend(active);

@@ -635,16 +635,23 @@ const STATE_FILTERS: [&str; 7] = [
     "cancelled",
 ];
 
+/// The job list; `with_filters` false for a fragment, which has no filter
+/// form (so its queue names need not be read).
 fn jobs_page_data(
     state: &AppState,
     op: &Operator,
     query: JobsQuery,
+    with_filters: bool,
 ) -> Result<JobsPage, PageError> {
     let filter = query.filter()?;
     let store = &state.store;
     let jobs = store.jobs_list(&filter)?;
     let now = store.now_ms()?;
-    let queue_names: Vec<String> = store.dashboard_queue_names()?;
+    let queue_names: Vec<String> = if with_filters {
+        store.dashboard_queue_names()?
+    } else {
+        Vec::new()
+    };
     let next_url = (jobs.len() as i64 == filter.limit)
         .then(|| jobs.last().map(|j| query.url(Some(j.id))))
         .flatten();
@@ -679,7 +686,9 @@ async fn jobs(
     let op = op.into_inner();
     let result = async {
         let s = state.clone();
-        let page = web::block(move || jobs_page_data(&s, &op, query.into_inner())).await??;
+        let whole = !is_htmx(&req);
+        let page =
+            web::block(move || jobs_page_data(&s, &op, query.into_inner(), whole)).await??;
         page_or_fragment!(&req, page, as_results)
     }
     .await;
@@ -742,7 +751,7 @@ async fn jobs_bulk(
                 report.applied as i64,
                 None,
             )?;
-            Ok((report, jobs_page_data(&s, &op, back)?))
+            Ok((report, jobs_page_data(&s, &op, back, false)?))
         })
         .await??;
         let mut message = format!("{}: {} job(s)", past_tense(action), report.applied);
@@ -1054,6 +1063,7 @@ fn dead_page_data(
     state: &AppState,
     op: &Operator,
     query: DeadQuery,
+    with_filters: bool,
 ) -> Result<DeadPage, PageError> {
     let store = &state.store;
     let opt = |v: &str| (!v.is_empty()).then(|| v.to_string());
@@ -1066,7 +1076,11 @@ fn dead_page_data(
     kinds.dedup();
     Ok(DeadPage {
         chrome: Chrome::new(op, "dead"),
-        queues: options(store.dashboard_queue_names()?, &query.queue, "any queue"),
+        queues: if with_filters {
+            options(store.dashboard_queue_names()?, &query.queue, "any queue")
+        } else {
+            Vec::new()
+        },
         kinds: options(kinds, &query.kind, "any kind"),
         groups: groups
             .into_iter()
@@ -1116,7 +1130,9 @@ async fn dead(
     let op = op.into_inner();
     let result = async {
         let s = state.clone();
-        let page = web::block(move || dead_page_data(&s, &op, query.into_inner())).await??;
+        let whole = !is_htmx(&req);
+        let page =
+            web::block(move || dead_page_data(&s, &op, query.into_inner(), whole)).await??;
         page_or_fragment!(&req, page, as_groups)
     }
     .await;
