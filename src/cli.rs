@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::info;
 
+use crate::alerts::AlertConfig;
 use crate::job::{Backoff, Registry};
 use crate::maintenance::{Maintenance, MaintenanceConfig};
 use crate::metrics::Metrics;
@@ -178,6 +179,31 @@ struct RunArgs {
     #[arg(long, env = "ERRAND_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
 
+    /// Configuration file (TOML): alert rules, SMTP server, recipients. See
+    /// the README's "Alerts" section.
+    #[arg(long, env = "ERRAND_CONFIG")]
+    config: Option<std::path::PathBuf>,
+
+    /// SMTP server for alert emails, e.g. smtp://127.0.0.1:25,
+    /// smtps://user:pass@smtp.example.com:465, smtp://host:587?tls=required.
+    #[arg(long, env = "ERRAND_SMTP_URL", hide_env_values = true)]
+    smtp_url: Option<String>,
+
+    /// Who gets alert emails; repeat the flag or separate with commas. With a
+    /// recipient and no rules configured, the default rules apply (new dead
+    /// letters, failure rate, backlog age, no live workers).
+    #[arg(long = "alert-to", env = "ERRAND_ALERT_TO", value_delimiter = ',')]
+    alert_to: Vec<String>,
+
+    /// Sender of alert emails [default: errand <errand@HOSTNAME>].
+    #[arg(long, env = "ERRAND_ALERT_FROM")]
+    alert_from: Option<String>,
+
+    /// errand's address as readers of the emails reach it (for links), e.g.
+    /// https://errand.example.com.
+    #[arg(long, env = "ERRAND_PUBLIC_URL")]
+    public_url: Option<String>,
+
     /// A fixed delay between attempts instead of the default backoff
     /// (attempt^4 + 15 s, with jitter), for kinds that set none.
     #[arg(long, env = "ERRAND_RETRY_DELAY", value_parser = humantime::parse_duration)]
@@ -286,7 +312,8 @@ fn dispatch(cli: Cli, registry: Registry) -> Result<(), CliError> {
             shutdown
                 .on_signals()
                 .map_err(|e| CliError(format!("cannot handle signals: {e}")))?;
-            let running = Running::start(&store, registry, &run, Metrics::new())?;
+            let alerts = alert_config(&run)?;
+            let running = Running::start(&store, registry, &run, Metrics::new(), alerts)?;
             shutdown.wait_for(Stage::Draining, None);
             running.stop(&run, &shutdown);
             Ok(())
@@ -389,6 +416,7 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
         batch_max: args.batch_max,
         idempotency_ttl: args.idempotency_ttl,
         dashboard_users: args.dashboard_users.clone(),
+        alerts: Arc::default(),
     };
     // Bind before starting workers, so that a taken port fails fast.
     let listener = TcpListener::bind(&args.bind).map_err(|e| {
@@ -406,7 +434,8 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
         .on_signals()
         .map_err(|e| CliError(format!("cannot handle signals: {e}")))?;
     let metrics = Metrics::new();
-    let running = Running::start(&store, registry, &args.run, metrics.clone())?;
+    let alerts = alert_config(&args.run)?;
+    let running = Running::start(&store, registry, &args.run, metrics.clone(), alerts.clone())?;
     let demo = if args.demo {
         let queue = args.run.queues.0[0].name.clone();
         info!(queue = %queue, "demo: enqueueing a mix of jobs every 2 s");
@@ -423,7 +452,15 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
         None
     };
     info!("listening on http://{address}");
-    let state = AppState::new(store.clone(), running.registry.clone(), metrics, web_config);
+    let state = AppState::new(
+        store.clone(),
+        running.registry.clone(),
+        metrics,
+        WebConfig {
+            alerts,
+            ..web_config
+        },
+    );
     let served =
         actix_web::rt::System::new().block_on(crate::web::serve(state, listener, shutdown.clone()));
     // The server stops on the first signal (or fails); either way, drain.
@@ -435,6 +472,30 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
     }
     running.stop(&args.run, &shutdown);
     served.map_err(|e| CliError(format!("the web server failed: {e}")))
+}
+
+/// Alert settings: the configuration file, then flags and the environment.
+fn alert_config(run: &RunArgs) -> Result<Arc<AlertConfig>, CliError> {
+    let file = match &run.config {
+        Some(path) => AlertConfig::from_file(path).map_err(CliError)?,
+        None => AlertConfig::default(),
+    };
+    let config = file
+        .with_overrides(
+            run.smtp_url.clone(),
+            run.alert_to.clone(),
+            run.alert_from.clone(),
+            run.public_url.clone(),
+        )
+        .map_err(CliError)?;
+    if config.can_send() {
+        info!(
+            rules = config.rules.len(),
+            to = %config.to.join(","),
+            "alert emails on"
+        );
+    }
+    Ok(Arc::new(config))
 }
 
 /// Workers plus maintenance, started together and stopped together.
@@ -450,6 +511,7 @@ impl Running {
         registry: Registry,
         run: &RunArgs,
         metrics: Metrics,
+        alerts: Arc<AlertConfig>,
     ) -> Result<Running, CliError> {
         if run.heartbeat_interval >= run.stale_after {
             return Err(CliError(format!(
@@ -491,6 +553,7 @@ impl Running {
                 },
                 leader_ttl: run.leader_ttl,
                 backoff,
+                alerts,
             },
             worker.id().to_string(),
         )

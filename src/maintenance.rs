@@ -9,12 +9,14 @@
 //! tests drive them directly; [`Maintenance`] is the loop around them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use tracing::{info, warn};
 
+use crate::alerts::{AlertConfig, Evaluator, Mailer};
 use crate::job::{Backoff, Registry};
 use crate::store::{self, AttemptOutcome, Failure, JobState, PruneReport, Retention, Store};
 
@@ -40,6 +42,8 @@ pub struct MaintenanceConfig {
     /// Delay before a rescued job runs again, for kinds that set none.
     /// Default exponential.
     pub backoff: Backoff,
+    /// Alert rules and where their emails go. Default: none.
+    pub alerts: Arc<AlertConfig>,
 }
 
 impl Default for MaintenanceConfig {
@@ -52,6 +56,7 @@ impl Default for MaintenanceConfig {
             retention: Retention::default(),
             leader_ttl: Duration::from_secs(30),
             backoff: Backoff::default(),
+            alerts: Arc::default(),
         }
     }
 }
@@ -168,6 +173,7 @@ fn seconds(ms: i64) -> String {
 /// runs the rescuer and the pruner on their intervals.
 pub struct Maintenance {
     thread: Option<JoinHandle<()>>,
+    mailer: Option<JoinHandle<()>>,
     stop: Option<Sender<()>>,
 }
 
@@ -180,30 +186,64 @@ impl Maintenance {
         holder: String,
     ) -> std::io::Result<Maintenance> {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        // The sender delivers alert emails while this process leads (one
+        // sender for all processes, so an email goes out once).
+        let leading = Arc::new(AtomicBool::new(false));
+        let mailer = match Mailer::new(&config.alerts) {
+            Ok(Some(mailer)) => {
+                let (store, config, leading, stopped) = (
+                    store.clone(),
+                    config.clone(),
+                    leading.clone(),
+                    stopped.clone(),
+                );
+                Some(
+                    thread::Builder::new()
+                        .name("errand-mailer".into())
+                        .spawn(move || {
+                            while let Err(RecvTimeoutError::Timeout) =
+                                stopped.recv_timeout(config.alerts.send_every)
+                            {
+                                if leading.load(Ordering::SeqCst)
+                                    && let Err(e) = mailer.run_once(&store, &config.alerts)
+                                {
+                                    warn!(error = %e, "delivering alert emails failed; will retry");
+                                }
+                            }
+                        })?,
+                )
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %e, "alert emails are off");
+                None
+            }
+        };
         let thread = thread::Builder::new()
             .name("errand-maintain".into())
             .spawn(move || {
-                let mut leading = false;
+                let mut is_leader = false;
                 let now = Instant::now();
-                let (mut next_rescue, mut next_prune) = (now, now);
+                let (mut next_rescue, mut next_prune, mut next_eval) = (now, now, now);
                 loop {
                     let renew_every = config.leader_ttl / 3;
                     match store.leader_acquire(&holder, config.leader_ttl) {
                         Ok(term) => {
-                            if term.is_some() != leading {
-                                leading = term.is_some();
+                            if term.is_some() != is_leader {
+                                is_leader = term.is_some();
+                                leading.store(is_leader, Ordering::SeqCst);
                                 match term {
                                     Some(term) => info!(term, "this process leads maintenance"),
                                     None => info!("another process leads maintenance now"),
                                 }
                                 let now = Instant::now();
-                                (next_rescue, next_prune) = (now, now);
+                                (next_rescue, next_prune, next_eval) = (now, now, now);
                             }
                         }
                         Err(e) => warn!(error = %e, "leader election failed; will retry"),
                     }
                     let mut wake_at = Instant::now() + renew_every;
-                    if leading {
+                    if is_leader {
                         let now = Instant::now();
                         if now >= next_rescue {
                             let rescuer = Rescuer {
@@ -230,14 +270,29 @@ impl Maintenance {
                             }
                             next_prune = Instant::now() + config.prune_interval;
                         }
+                        if !config.alerts.rules.is_empty() && now >= next_eval {
+                            let evaluator = Evaluator {
+                                store: &store,
+                                config: &config.alerts,
+                                stale_after: config.stale_after,
+                            };
+                            if let Err(e) = evaluator.run_once() {
+                                warn!(error = %e, "evaluating alert rules failed; will retry");
+                            }
+                            next_eval = Instant::now() + config.alerts.evaluate_every;
+                        }
                         wake_at = wake_at.min(next_rescue).min(next_prune);
+                        if !config.alerts.rules.is_empty() {
+                            wake_at = wake_at.min(next_eval);
+                        }
                     }
                     let pause = wake_at.saturating_duration_since(Instant::now());
                     if let Err(RecvTimeoutError::Disconnected) = stopped.recv_timeout(pause) {
                         break;
                     }
                 }
-                if leading {
+                leading.store(false, Ordering::SeqCst);
+                if is_leader {
                     // Let another process take over now rather than at expiry.
                     if let Err(e) = store.leader_resign(&holder) {
                         warn!(error = %e, "could not resign leadership; it expires on its own");
@@ -246,6 +301,7 @@ impl Maintenance {
             })?;
         Ok(Maintenance {
             thread: Some(thread),
+            mailer,
             stop: Some(stop),
         })
     }
@@ -255,6 +311,9 @@ impl Maintenance {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        if let Some(mailer) = self.mailer.take() {
+            let _ = mailer.join();
         }
     }
 }

@@ -1,6 +1,37 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    alert_outbox (id) {
+        id -> Int8,
+        created_at -> Int8,
+        rule -> Text,
+        event -> Text,
+        subject -> Text,
+        body_text -> Text,
+        body_html -> Text,
+        status -> Text,
+        attempts -> Int4,
+        next_attempt_at -> Int8,
+        sent_at -> Nullable<Int8>,
+        sent_in -> Nullable<Int8>,
+        last_error -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    alert_state (rule) {
+        rule -> Text,
+        state -> Text,
+        since -> Int8,
+        value -> Nullable<Float8>,
+        evaluated_at -> Int8,
+        clear_since -> Nullable<Int8>,
+        notified_at -> Nullable<Int8>,
+        incident -> Int8,
+    }
+}
+
+diesel::table! {
     audit_log (id) {
         id -> Int8,
         at -> Int8,
@@ -95,6 +126,8 @@ diesel::table! {
 diesel::joinable!(job_attempts -> jobs (job_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    alert_outbox,
+    alert_state,
     audit_log,
     idempotency_keys,
     job_attempts,

@@ -51,6 +51,7 @@ macro_rules! with_conn {
 }
 
 mod admin;
+mod alerts;
 mod coord;
 mod jobs;
 mod types;
@@ -67,6 +68,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use crate::wake::Wake;
 
 pub use admin::{AuditEntry, Dashboard, DeadGroup, Minute, QueueOverview, QueueSummary};
+pub use alerts::{AlertState, Email, FailureContext, Metric, OutboxRow, Scope};
 pub use coord::{LeaderTerm, Overdue, PruneReport, Retention, WorkerInfo};
 pub(crate) use jobs::NOTIFY_CHANNEL;
 pub use jobs::{BulkAction, BulkReport, DeadAction, DeadFilter, Enqueued, JobFilter, Once};

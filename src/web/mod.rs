@@ -43,6 +43,8 @@ pub struct WebConfig {
     pub idempotency_ttl: Duration,
     /// Dashboard users. None: the dashboard answers only on loopback.
     pub dashboard_users: Vec<access::DashboardUser>,
+    /// Alert rules and delivery, shown on `/alerts`.
+    pub alerts: Arc<crate::alerts::AlertConfig>,
 }
 
 impl Default for WebConfig {
@@ -53,6 +55,7 @@ impl Default for WebConfig {
             batch_max: 1000,
             idempotency_ttl: Duration::from_secs(24 * 3600),
             dashboard_users: Vec::new(),
+            alerts: Arc::default(),
         }
     }
 }

@@ -417,6 +417,8 @@ struct OverviewPage {
     chart: Chart,
     workers: usize,
     now: When,
+    /// Alert rules firing now.
+    firing: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -440,7 +442,15 @@ async fn overview(
             .filter(|r| REFRESH_CHOICES.contains(r))
             .unwrap_or(5);
         let store = state.store.clone();
-        let d = web::block(move || store.dashboard()).await??;
+        let (d, alerts) = web::block(move || -> store::Result<_> {
+            Ok((store.dashboard()?, store.alert_states()?))
+        })
+        .await??;
+        let firing = alerts
+            .into_iter()
+            .filter(|a| a.state == "firing")
+            .map(|a| a.rule)
+            .collect();
         let queues: Vec<QueueView> = d.queues.iter().map(|q| queue_view(q, d.now_ms)).collect();
         let total = d.queues.iter().fold(QueueSummary::default(), |mut t, q| {
             t.ready += q.ready;
@@ -476,6 +486,7 @@ async fn overview(
             chart: chart(&d.minutes),
             workers: d.workers,
             now: when(d.now_ms, d.now_ms),
+            firing,
         };
         page_or_fragment!(&req, page, as_overview)
     }
@@ -687,8 +698,7 @@ async fn jobs(
     let result = async {
         let s = state.clone();
         let whole = !is_htmx(&req);
-        let page =
-            web::block(move || jobs_page_data(&s, &op, query.into_inner(), whole)).await??;
+        let page = web::block(move || jobs_page_data(&s, &op, query.into_inner(), whole)).await??;
         page_or_fragment!(&req, page, as_results)
     }
     .await;
@@ -1131,8 +1141,7 @@ async fn dead(
     let result = async {
         let s = state.clone();
         let whole = !is_htmx(&req);
-        let page =
-            web::block(move || dead_page_data(&s, &op, query.into_inner(), whole)).await??;
+        let page = web::block(move || dead_page_data(&s, &op, query.into_inner(), whole)).await??;
         page_or_fragment!(&req, page, as_groups)
     }
     .await;
@@ -1661,6 +1670,146 @@ async fn audit(
 }
 
 // ---------------------------------------------------------------------------
+// Alerts
+// ---------------------------------------------------------------------------
+
+pub struct RuleView {
+    pub name: String,
+    pub description: String,
+    pub threshold: String,
+    pub value: String,
+    pub state: String,
+    pub since: Option<When>,
+    pub evaluated: Option<When>,
+    pub pending: String,
+}
+
+pub struct NotificationView {
+    pub created: When,
+    pub rule: String,
+    pub event: String,
+    pub subject: String,
+    pub status: String,
+    pub attempts: i32,
+    pub sent: Option<When>,
+    pub error: String,
+}
+
+#[derive(Template)]
+#[template(path = "alerts.html", blocks = ["alerts"])]
+struct AlertsPage {
+    chrome: Chrome,
+    rules: Vec<RuleView>,
+    notifications: Vec<NotificationView>,
+    can_send: bool,
+    recipients: String,
+}
+
+fn alerts_page_data(state: &AppState, op: &Operator) -> Result<AlertsPage, PageError> {
+    let config = &state.config.alerts;
+    let store = &state.store;
+    let states: HashMap<String, store::AlertState> = store
+        .alert_states()?
+        .into_iter()
+        .map(|s| (s.rule.clone(), s))
+        .collect();
+    let now = store.now_ms()?;
+    let rules = config
+        .rules
+        .iter()
+        .map(|rule| {
+            let st = states.get(&rule.name);
+            RuleView {
+                name: rule.name.clone(),
+                description: rule.describe(),
+                threshold: rule.format(rule.threshold),
+                value: st
+                    .and_then(|s| s.value)
+                    .map_or_else(|| "—".into(), |v| rule.format(v)),
+                state: st.map_or_else(|| "inactive".into(), |s| s.state.clone()),
+                since: st.map(|s| when(s.since, now)),
+                evaluated: st.map(|s| when(s.evaluated_at, now)),
+                pending: humantime::format_duration(rule.pending).to_string(),
+            }
+        })
+        .collect();
+    let notifications = store
+        .outbox_recent(50)?
+        .into_iter()
+        .map(|n| NotificationView {
+            created: when(n.created_at, now),
+            rule: n.rule,
+            event: n.event,
+            subject: n.subject,
+            status: n.status,
+            attempts: n.attempts,
+            sent: n.sent_at.map(|t| when(t, now)),
+            error: n.last_error.unwrap_or_default(),
+        })
+        .collect();
+    Ok(AlertsPage {
+        chrome: Chrome::new(op, "alerts"),
+        rules,
+        notifications,
+        can_send: config.can_send(),
+        recipients: config.to.join(", "),
+    })
+}
+
+async fn alerts(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    op: web::ReqData<Operator>,
+) -> HttpResponse {
+    let op = op.into_inner();
+    let result = async {
+        let s = state.clone();
+        let page = web::block(move || alerts_page_data(&s, &op)).await??;
+        page_or_fragment!(&req, page, as_alerts)
+    }
+    .await;
+    respond(&req, result)
+}
+
+/// Queues a test email to the configured recipients.
+async fn alerts_test(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    op: web::ReqData<Operator>,
+) -> HttpResponse {
+    let op = op.into_inner();
+    let result = async {
+        if !op.can_act() {
+            return Err(PageError::forbidden_for_viewers());
+        }
+        if !state.config.alerts.can_send() {
+            return Err(PageError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "no recipients or SMTP server configured: set --alert-to and --smtp-url",
+            ));
+        }
+        let s = state.clone();
+        let page = web::block(move || -> Result<_, PageError> {
+            let email = crate::alerts::test_email(&s.config.alerts, &op.actor());
+            s.store.outbox_push(&email)?;
+            s.store
+                .audit_record(&op.actor(), "alerts.test", "test email", 0, None)?;
+            alerts_page_data(&s, &op)
+        })
+        .await??;
+        let message = format!(
+            "Test email queued for {}: it leaves within seconds (see its status below)",
+            state.config.alerts.to.join(", ")
+        );
+        Ok(html(
+            page.as_alerts().render()? + &toast_html("ok", &message),
+        ))
+    }
+    .await;
+    respond(&req, result)
+}
+
+// ---------------------------------------------------------------------------
 // Static files and routes
 // ---------------------------------------------------------------------------
 
@@ -1698,7 +1847,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/queues", "GET").route(web::get().to(queues)))
         .service(resource("/queues/{name}/{action}", "POST").route(web::post().to(queue_action)))
         .service(resource("/workers", "GET").route(web::get().to(workers)))
-        .service(resource("/audit", "GET").route(web::get().to(audit)));
+        .service(resource("/audit", "GET").route(web::get().to(audit)))
+        .service(resource("/alerts", "GET").route(web::get().to(alerts)))
+        .service(resource("/alerts/test", "POST").route(web::post().to(alerts_test)));
 }
 
 /// Static assets (public: they hold no data).

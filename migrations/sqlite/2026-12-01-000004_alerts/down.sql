@@ -1,0 +1,2 @@
+DROP TABLE alert_outbox;
+DROP TABLE alert_state;
