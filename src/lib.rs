@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod alerts;
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod job;

@@ -2,9 +2,13 @@
 //! happened. This is the "claim, commit, run, then acknowledge" step of the
 //! data flow; no transaction is open while a handler runs.
 //!
-//! Per queue, one *fetcher* thread claims as many jobs as there are idle
-//! *executor* threads (one statement for the batch) and hands them over a
-//! channel. Executors run handlers (panics caught) and send each result to the
+//! Per queue, one *fetcher* thread claims jobs in batches (one statement each)
+//! and hands them over a channel to the queue's *executor* threads. A batch
+//! fills the idle executors plus a local buffer sized to what they finish in
+//! [`BUFFER_WINDOW`] (an average of recent run times; at most
+//! [`WorkerConfig::max_buffer`]): fast jobs are claimed hundreds at a time,
+//! slow ones only as threads free up. A buffered job that waited for half its
+//! timeout is released unrun rather than started short of time. Executors run handlers (panics caught) and send each result to the
 //! process's single *completer*, which records results in batches: every
 //! completion that arrived meanwhile goes in one statement. A *keeper* thread
 //! refreshes the heartbeat of every held job in one statement per interval,
@@ -23,7 +27,7 @@ use std::backtrace::Backtrace;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -94,6 +98,11 @@ pub struct WorkerConfig {
     pub backoff: Backoff,
     /// This process's worker id. Default `host:pid:boot-id`.
     pub id: Option<String>,
+    /// Most claimed jobs a queue keeps waiting for a free thread, beyond one
+    /// per thread. The buffer is sized to what the threads finish within
+    /// [`BUFFER_WINDOW`], so it fills only with fast jobs. 0 sizes every claim
+    /// to the idle threads. Default 1,000.
+    pub max_buffer: usize,
     /// Where the workers count what they do (shared with `/metrics`).
     pub metrics: Metrics,
 }
@@ -109,6 +118,7 @@ impl Default for WorkerConfig {
             heartbeat_interval: Duration::from_secs(15),
             backoff: Backoff::default(),
             id: None,
+            max_buffer: 1000,
             metrics: Metrics::default(),
         }
     }
@@ -179,13 +189,41 @@ impl Finished {
     }
 }
 
+/// How much work, at the recent pace, a queue's local buffer holds.
+pub const BUFFER_WINDOW: Duration = Duration::from_millis(50);
+
 struct QueueRunner {
     spec: QueueSpec,
-    /// Executors not busy with a job (claims are sized to this).
-    idle: Mutex<usize>,
-    idle_cv: Condvar,
+    /// Jobs claimed and not yet finished by an executor: running, or waiting
+    /// in the channel.
+    in_flight: Mutex<usize>,
+    /// Signalled when `in_flight` falls below `refill_below` (and on stop).
+    in_flight_cv: Condvar,
+    refill_below: AtomicUsize,
+    /// Recent handler run time in nanoseconds (moving average); sizes the
+    /// buffer. Starts at a second, so a queue claims no more than its idle
+    /// threads until it has seen its jobs are fast.
+    run_ns: AtomicU64,
     /// Kept to start replacement executors.
     jobs_rx: Receiver<Arc<Held>>,
+}
+
+impl QueueRunner {
+    /// Jobs to keep waiting beyond one per thread: what the threads finish
+    /// within [`BUFFER_WINDOW`] at the recent pace, at most `max`.
+    fn buffer_target(&self, max: usize) -> usize {
+        let run_ns = self.run_ns.load(Ordering::Relaxed).max(1);
+        let per_window = BUFFER_WINDOW.as_nanos() as u64 / run_ns;
+        (per_window.saturating_mul(self.spec.concurrency as u64)).min(max as u64) as usize
+    }
+
+    fn ran_for(&self, took: Duration) {
+        // An exponential moving average (1/8 weight to the newest); updates
+        // racing between executors lose a sample, which is harmless.
+        let old = self.run_ns.load(Ordering::Relaxed);
+        let new = (old - old / 8).saturating_add(took.as_nanos() as u64 / 8);
+        self.run_ns.store(new, Ordering::Relaxed);
+    }
 }
 
 struct Shared {
@@ -196,9 +234,14 @@ struct Shared {
     queues: Vec<Arc<QueueRunner>>,
     stopping: AtomicBool,
     held: Mutex<HashMap<i64, Arc<Held>>>,
-    /// Signalled when `held` shrinks (drain) and when the keeper should look
-    /// again (new deadlines, stop).
+    /// Signalled when `held` shrinks while stopping (the drain waits on it).
     held_cv: Condvar,
+    /// Signalled when the keeper should look again: a claimed job's deadline
+    /// falls before `keeper_wake`, or stop.
+    keeper_cv: Condvar,
+    /// When the keeper next wakes, as nanoseconds after `epoch`.
+    keeper_wake: AtomicU64,
+    epoch: Instant,
     keeper_stop: AtomicBool,
     results: Sender<Finished>,
 }
@@ -208,10 +251,18 @@ impl Shared {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn since_epoch(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// An executor is done with a job (or abandoned it): one less in flight.
     fn free_slot(&self, queue: usize) {
         let q = &self.queues[queue];
-        *q.idle.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        q.idle_cv.notify_one();
+        let mut n = q.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n < q.refill_below.load(Ordering::Relaxed) {
+            q.in_flight_cv.notify_one();
+        }
     }
 }
 
@@ -245,12 +296,15 @@ impl Worker {
             .queues
             .iter()
             .map(|spec| {
-                let (tx, rx) = crossbeam_channel::bounded(spec.concurrency);
+                // Unbounded: the fetcher bounds what it claims.
+                let (tx, rx) = crossbeam_channel::unbounded();
                 senders.push(tx);
                 Arc::new(QueueRunner {
                     spec: spec.clone(),
-                    idle: Mutex::new(spec.concurrency),
-                    idle_cv: Condvar::new(),
+                    in_flight: Mutex::new(0),
+                    in_flight_cv: Condvar::new(),
+                    refill_below: AtomicUsize::new(spec.concurrency),
+                    run_ns: AtomicU64::new(1_000_000_000),
                     jobs_rx: rx,
                 })
             })
@@ -264,6 +318,9 @@ impl Worker {
             stopping: AtomicBool::new(false),
             held: Mutex::new(HashMap::new()),
             held_cv: Condvar::new(),
+            keeper_cv: Condvar::new(),
+            keeper_wake: AtomicU64::new(0),
+            epoch: Instant::now(),
             keeper_stop: AtomicBool::new(false),
             results: results_tx,
         });
@@ -349,7 +406,7 @@ impl Worker {
         shared.stopping.store(true, Ordering::SeqCst);
         shared.store.wake().interrupt();
         for q in &shared.queues {
-            q.idle_cv.notify_all();
+            q.in_flight_cv.notify_all();
         }
         // Fetchers exit and drop their senders; executors release whatever
         // was claimed but not started, finish what they run, and exit.
@@ -392,7 +449,11 @@ impl Worker {
             .and_then(|c| c.join().ok())
             .unwrap_or_default();
         shared.keeper_stop.store(true, Ordering::SeqCst);
-        shared.held_cv.notify_all();
+        {
+            // Under the lock the keeper waits with, so the wake-up is not lost.
+            let _held = shared.held();
+            shared.keeper_cv.notify_all();
+        }
         if let Some(keeper) = self.keeper.take() {
             let _ = keeper.join();
         }
@@ -426,19 +487,33 @@ fn spawn_executor(shared: &Arc<Shared>, queue: usize) -> std::io::Result<()> {
         .map(drop)
 }
 
-/// Claims jobs for one queue whenever executors are idle.
+/// Claims jobs for one queue whenever executors are idle or the buffer runs
+/// low.
 fn fetch_loop(shared: &Shared, index: usize, tx: Sender<Arc<Held>>) {
     let q = &shared.queues[index];
     let name = q.spec.name.as_str();
+    let concurrency = q.spec.concurrency;
     let wake = shared.store.wake();
     let mut failures: u32 = 0;
     loop {
         let want = {
-            let mut idle = q.idle.lock().unwrap_or_else(|e| e.into_inner());
-            while *idle == 0 && !shared.stopping.load(Ordering::SeqCst) {
-                idle = q.idle_cv.wait(idle).unwrap_or_else(|e| e.into_inner());
+            let mut in_flight = q.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if shared.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                // Refill when a thread is idle or half the buffer is gone.
+                let target = q.buffer_target(shared.config.max_buffer);
+                let refill_below = concurrency + target / 2;
+                if *in_flight < refill_below {
+                    break concurrency + target - *in_flight;
+                }
+                q.refill_below.store(refill_below, Ordering::Relaxed);
+                in_flight = q
+                    .in_flight_cv
+                    .wait(in_flight)
+                    .unwrap_or_else(|e| e.into_inner());
             }
-            *idle
         };
         if shared.stopping.load(Ordering::SeqCst) {
             return;
@@ -450,7 +525,7 @@ fn fetch_loop(shared: &Shared, index: usize, tx: Sender<Arc<Held>>) {
                 failures = 0;
                 let got = jobs.len();
                 if got > 0 {
-                    *q.idle.lock().unwrap_or_else(|e| e.into_inner()) -= got;
+                    *q.in_flight.lock().unwrap_or_else(|e| e.into_inner()) += got;
                     let mut held = shared.held();
                     let mut batch = Vec::with_capacity(got);
                     for job in jobs {
@@ -472,8 +547,15 @@ fn fetch_loop(shared: &Shared, index: usize, tx: Sender<Arc<Held>>) {
                         held.insert(h.lease.id, h.clone());
                         batch.push(h);
                     }
+                    // The keeper looks again only if these time out before
+                    // it meant to wake anyway.
+                    let due = batch.iter().map(|h| h.deadline).min();
+                    if due.is_some_and(|due| {
+                        shared.since_epoch(due) < shared.keeper_wake.load(Ordering::Relaxed)
+                    }) {
+                        shared.keeper_cv.notify_one();
+                    }
                     drop(held);
-                    shared.held_cv.notify_all();
                     for item in batch {
                         if tx.send(item).is_err() {
                             return;
@@ -481,7 +563,7 @@ fn fetch_loop(shared: &Shared, index: usize, tx: Sender<Arc<Held>>) {
                     }
                 }
                 if got == want {
-                    // Every idle executor got a job: there may be more.
+                    // The claim was filled: there may be more.
                     continue;
                 }
                 shared.config.poll_interval
@@ -507,6 +589,14 @@ fn execute_loop(shared: &Arc<Shared>, index: usize) {
     while let Ok(held) = rx.recv() {
         let result = if shared.stopping.load(Ordering::SeqCst) {
             // Claimed but not started when shutdown began: give it back now.
+            Finished::Released(held.clone())
+        } else if held.claimed_at.elapsed() > held.timeout / 2 {
+            // Buffered behind jobs slower than the recent pace: starting it
+            // now would leave it less than half its time.
+            debug!(
+                job = held.lease.id,
+                "waited half its timeout in the buffer; released unrun"
+            );
             Finished::Released(held.clone())
         } else {
             run_job(shared, &held)
@@ -546,7 +636,9 @@ fn run_job(shared: &Shared, held: &Arc<Held>) -> Finished {
         outcome
     }));
     IN_JOB.set(false);
-    metrics.ran(&job.queue, &job.kind, started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    shared.queues[held.queue].ran_for(took);
+    metrics.ran(&job.queue, &job.kind, took.as_secs_f64());
     let retry = |outcome: AttemptOutcome, error: String| {
         Finished::Failed(held.clone(), failure(shared, job, outcome, error))
     };
@@ -639,7 +731,9 @@ fn complete_loop(shared: &Shared, rx: Receiver<Finished>, stop: Receiver<()>) ->
                     }
                 }
                 drop(held);
-                shared.held_cv.notify_all();
+                if shared.stopping.load(Ordering::Relaxed) {
+                    shared.held_cv.notify_all();
+                }
             }
             Err(e) => {
                 if give_up_at.is_some_and(|at| Instant::now() >= at) {
@@ -739,8 +833,11 @@ fn keep_loop(shared: &Arc<Shared>) {
                 if now >= wake_at {
                     break;
                 }
+                shared
+                    .keeper_wake
+                    .store(shared.since_epoch(wake_at), Ordering::Relaxed);
                 held = shared
-                    .held_cv
+                    .keeper_cv
                     .wait_timeout(held, wake_at - now)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
@@ -788,6 +885,9 @@ fn heartbeat(shared: &Shared) {
                 match alive.get(&h.lease.id) {
                     Some(true) => h.cancelled.store(true, Ordering::Relaxed),
                     Some(false) => {}
+                    // Finished here meanwhile: its result is recorded (the
+                    // completer reports a lease lost when it records it).
+                    None if h.status.load(Ordering::Acquire) != CLAIMED => {}
                     None => {
                         // Someone else may run it now: tell the handler to stop.
                         h.cancelled.store(true, Ordering::Relaxed);

@@ -346,7 +346,71 @@ fn serve_refuses_an_open_bind_without_a_token(db: &TestDb) {
     assert_eq!(ada.get("/").status, 200);
 }
 
+fn bench_measures_errand_and_the_baseline_and_leaves_nothing_behind(db: &TestDb) {
+    // A job of the user's own stays untouched.
+    let mine = db
+        .store
+        .job_enqueue(&errand::NewJob::new("noop", serde_json::json!({})).queue("mine"))
+        .unwrap()
+        .id;
+    let out = errand_cmd(&db.url)
+        .args([
+            "bench",
+            "--jobs",
+            "300",
+            "--pickup-samples",
+            "5",
+            "--baseline",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "enqueue_jobs_per_s",
+        "drain_jobs_per_s",
+        "pickup_p50_ms",
+        "pickup_p99_ms",
+        "baseline_enqueue_jobs_per_s",
+        "baseline_drain_jobs_per_s",
+        "ratio",
+    ] {
+        let v = report[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} in {report}"));
+        assert!(v > 0.0, "{key} = {v}");
+    }
+    assert_eq!(report["jobs"], 300);
+    assert_eq!(report["pickup_samples"], 5);
+    let ratio = report["drain_jobs_per_s"].as_f64().unwrap()
+        / report["baseline_drain_jobs_per_s"].as_f64().unwrap();
+    assert!((ratio - report["ratio"].as_f64().unwrap()).abs() < 1e-9);
+    assert!(
+        report["pickup_p50_ms"].as_f64() <= report["pickup_p99_ms"].as_f64(),
+        "{report}"
+    );
+    // Only the user's job is left.
+    let left = all_jobs(db);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].id, mine);
+
+    let text = errand_cmd(&db.url)
+        .args(["bench", "--jobs", "50", "--pickup-samples", "2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    for word in ["enqueue", "drain", "jobs/s", "pickup", "p50", "p99"] {
+        assert!(text.contains(word), "{word} in {text}");
+    }
+}
+
 on_both_backends!(
+    bench_measures_errand_and_the_baseline_and_leaves_nothing_behind,
     a_job_answered_202_survives_a_sigkill_of_the_server,
     serve_refuses_an_open_bind_without_a_token,
     a_worker_killed_mid_job_loses_nothing,
@@ -386,6 +450,7 @@ fn the_command_line_explains_itself_and_its_errors() {
         "work",
         "migrate",
         "enqueue",
+        "bench",
         "ERRAND_DATABASE_URL",
         "errand.db",
     ] {

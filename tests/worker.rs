@@ -382,6 +382,127 @@ fn a_second_signal_cuts_the_drain_short(db: &TestDb) {
     );
 }
 
+/// Runs `n` no-op jobs so that the queue has seen its jobs are fast.
+fn warm_up(store: &Store, n: usize) {
+    let jobs = vec![NewJob::new("noop", json!({})); n];
+    let ids: Vec<i64> = store
+        .jobs_enqueue(&jobs)
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    for id in ids {
+        wait_state(store, id, JobState::Completed);
+    }
+}
+
+fn running_count(store: &Store) -> i64 {
+    store
+        .jobs_count()
+        .unwrap()
+        .iter()
+        .filter(|c| c.state == JobState::Running)
+        .map(|c| c.count)
+        .sum()
+}
+
+fn slow_jobs_are_claimed_only_for_idle_threads(db: &TestDb) {
+    let (started_tx, started_rx) = crossbeam_channel::unbounded();
+    let (go_tx, go_rx): (Sender<()>, Receiver<()>) = crossbeam_channel::unbounded();
+    let mut registry = Registry::new();
+    registry.register_fn("gate", move |_: Value, _: &errand::JobContext| {
+        started_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        Outcome::Done
+    });
+    let ids: Vec<i64> = (0..6)
+        .map(|_| enqueue(&db.store, NewJob::new("gate", json!({}))))
+        .collect();
+    let worker = start(&db.store, registry, config(2));
+    for _ in 0..2 {
+        started_rx.recv_timeout(WAIT).unwrap();
+    }
+    // A queue that has not seen fast jobs claims for its idle threads only:
+    // the other four stay claimable by other processes.
+    assert_eq!(running_count(&db.store), 2);
+    for _ in 0..6 {
+        go_tx.send(()).unwrap();
+    }
+    for id in ids {
+        wait_state(&db.store, id, JobState::Completed);
+    }
+    stop(worker);
+}
+
+fn fast_jobs_are_claimed_in_batches_beyond_idle_threads(db: &TestDb) {
+    let (started_tx, started_rx) = crossbeam_channel::unbounded();
+    let (go_tx, go_rx): (Sender<()>, Receiver<()>) = crossbeam_channel::unbounded();
+    let mut registry = Registry::new();
+    registry.register_fn("noop", |_: Value, _: &errand::JobContext| Outcome::Done);
+    registry.register_fn("gate", move |_: Value, _: &errand::JobContext| {
+        started_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        Outcome::Done
+    });
+    let worker = start(&db.store, registry, config(1));
+    warm_up(&db.store, 300);
+    let jobs = vec![NewJob::new("gate", json!({})); 50];
+    let ids: Vec<i64> = db
+        .store
+        .jobs_enqueue(&jobs)
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    started_rx.recv_timeout(WAIT).unwrap();
+    // One thread, and all fifty claimed in one go: they wait in the buffer.
+    assert_eq!(running_count(&db.store), 50);
+    for _ in 0..50 {
+        go_tx.send(()).unwrap();
+    }
+    for id in ids {
+        wait_state(&db.store, id, JobState::Completed);
+    }
+    stop(worker);
+}
+
+fn a_job_buffered_too_long_is_released_not_started_short_of_time(db: &TestDb) {
+    let mut registry = Registry::new();
+    registry.register_fn("noop", |_: Value, _: &errand::JobContext| Outcome::Done);
+    registry.register_fn("slow", |_: Value, _: &errand::JobContext| {
+        // The handler's own work, not the test waiting: it runs 600 ms of its
+        // 1 s timeout, so the jobs buffered behind it wait past half theirs.
+        std::thread::sleep(Duration::from_millis(600));
+        Outcome::Done
+    });
+    let worker = start(&db.store, registry, config(1));
+    warm_up(&db.store, 300);
+    let slow = NewJob::new("slow", json!({})).timeout(Duration::from_secs(1));
+    let ids: Vec<i64> = db
+        .store
+        .jobs_enqueue(&[slow.clone(), slow.clone(), slow])
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let done: Vec<errand::Job> = ids
+        .iter()
+        .map(|&id| wait_state(&db.store, id, JobState::Completed))
+        .collect();
+    stop(worker);
+    // The first ran at once; the second waited in the buffer for 600 ms,
+    // more than half its timeout, so it went back to its queue unrun (no
+    // attempt spent) and was claimed again, with its full time.
+    assert_eq!(done[0].lease_id, 1);
+    assert!(done[1].lease_id >= 2, "lease {}", done[1].lease_id);
+    for job in &done {
+        assert_eq!(job.attempt, 1);
+        let attempts = db.store.job_attempts(job.id).unwrap();
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+        assert_eq!(attempts[0].outcome, AttemptOutcome::Completed);
+    }
+}
+
 on_both_backends!(
     every_job_runs_exactly_once_across_workers,
     a_job_that_keeps_failing_is_dead_after_max_attempts_and_can_be_replayed,
@@ -393,4 +514,7 @@ on_both_backends!(
     a_new_job_wakes_an_idle_worker_without_waiting_for_the_poll,
     graceful_shutdown_releases_unfinished_jobs_without_spending_an_attempt,
     a_second_signal_cuts_the_drain_short,
+    slow_jobs_are_claimed_only_for_idle_threads,
+    fast_jobs_are_claimed_in_batches_beyond_idle_threads,
+    a_job_buffered_too_long_is_released_not_started_short_of_time,
 );

@@ -14,6 +14,7 @@ use diesel::dsl::{count_star, sql};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 
+use super::prepared::prepared;
 use super::types::{DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT};
 use super::{
     Attempt, AttemptOutcome, Dialect, Failure, Job, JobState, Lease, NewJob, Pool, QueueCount,
@@ -109,8 +110,9 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
-/// One job as the enqueue statement reads it (a JSON array of these is the
-/// statement's single parameter, so any batch size is one statement).
+/// One job as the enqueue statement reads it (on PostgreSQL a JSON array of
+/// these is the statement's single parameter, so any batch size is one
+/// statement; on SQLite each is a row of bound values).
 #[derive(serde::Serialize)]
 struct EnqueueRow<'a> {
     queue: &'a str,
@@ -162,9 +164,9 @@ struct HeldRow {
 }
 
 #[derive(QueryableByName)]
-struct IdRow {
+pub(crate) struct IdRow {
     #[diesel(sql_type = BigInt)]
-    id: i64,
+    pub(crate) id: i64,
 }
 
 pub(crate) fn millis(d: Duration) -> i64 {
@@ -332,9 +334,12 @@ impl Store {
         with_conn!(self, c => c.heartbeat(leases))
     }
 
-    /// Marks the jobs under `leases` completed and records a successful
-    /// attempt for each. Returns the ids completed; a lease that was lost
-    /// completes nothing.
+    /// Marks the jobs under `leases` completed, in one statement. Returns the
+    /// ids completed; a lease that was lost completes nothing.
+    ///
+    /// The successful attempt gets no `job_attempts` row (a write per job on
+    /// the hot path): the completed job's own row holds everything about it,
+    /// and [`Store::job_attempts`] lists it from there.
     pub fn jobs_complete(&self, leases: &[Lease]) -> Result<Vec<i64>> {
         if leases.is_empty() {
             return Ok(Vec::new());
@@ -663,13 +668,42 @@ impl Store {
             .optional()?))
     }
 
-    /// Every attempt of a job, oldest first.
+    /// Every attempt of a job, oldest first. A completed job's successful
+    /// attempt, which has no row of its own, comes from the job's row (with
+    /// `id` 0).
     pub fn job_attempts(&self, id: i64) -> Result<Vec<Attempt>> {
-        with_conn!(self, c => Ok(job_attempts::table
-            .filter(job_attempts::job_id.eq(id))
-            .order((job_attempts::attempt, job_attempts::id))
-            .select(Attempt::as_select())
-            .load(c)?))
+        let (mut attempts, job) = with_conn!(self, c => {
+            let attempts = job_attempts::table
+                .filter(job_attempts::job_id.eq(id))
+                .order((job_attempts::attempt, job_attempts::id))
+                .select(Attempt::as_select())
+                .load(c)?;
+            let job = jobs::table
+                .find(id)
+                .filter(jobs::state.eq(JobState::Completed))
+                .select(Job::as_select())
+                .first(c)
+                .optional()?;
+            (attempts, job)
+        });
+        if let Some(job) = job
+            && !attempts
+                .iter()
+                .any(|a| a.attempt == job.attempt && a.outcome == AttemptOutcome::Completed)
+        {
+            let finished_at = job.finished_at.unwrap_or_default();
+            attempts.push(Attempt {
+                id: 0,
+                job_id: job.id,
+                attempt: job.attempt,
+                worker: job.locked_by.unwrap_or_default(),
+                started_at: job.started_at.unwrap_or(finished_at),
+                finished_at,
+                outcome: AttemptOutcome::Completed,
+                error: None,
+            });
+        }
+        Ok(attempts)
     }
 
     /// Jobs matching `filter`, newest first.
@@ -849,9 +883,8 @@ fn enqueue_in<C: JobSql>(c: &mut C, new: &[NewJob]) -> Result<Vec<Enqueued>> {
             break;
         }
         let rows: Vec<EnqueueRow> = todo.iter().map(|&i| EnqueueRow::new(&new[i])).collect();
-        let rows_json = serde_json::to_string(&rows).expect("enqueue rows serialize");
         let keys: Vec<&str> = rows.iter().filter_map(|r| r.unique_key).collect();
-        let inserted = c.enqueue(&rows_json)?;
+        let inserted = c.enqueue(&rows)?;
         let holders = if keys.is_empty() {
             Vec::new()
         } else {
@@ -934,9 +967,9 @@ trait JobSql: Dialect {
     /// Unfinished jobs holding any of `keys`: id, key, state.
     fn unique_key_holders(&mut self, keys: &[&str])
     -> Result<Vec<(i64, Option<String>, JobState)>>;
-    /// Inserts the jobs of a JSON array of [`EnqueueRow`]s, skipping those
-    /// whose unique key is held, and announces the due ones.
-    fn enqueue(&mut self, rows_json: &str) -> Result<Vec<InsertedRow>>;
+    /// Inserts `rows`, skipping those whose unique key is held, and
+    /// announces the due ones.
+    fn enqueue(&mut self, rows: &[EnqueueRow]) -> Result<Vec<InsertedRow>>;
     fn claim(&mut self, queue: &str, worker: &str, limit: i64) -> Result<Vec<Job>>;
     fn heartbeat(&mut self, leases: &[Lease]) -> Result<Vec<(i64, bool)>>;
     fn complete(&mut self, leases: &[Lease]) -> Result<Vec<i64>>;
@@ -965,14 +998,15 @@ macro_rules! same_on_both {
 impl JobSql for PgConnection {
     same_on_both!();
 
-    fn enqueue(&mut self, rows_json: &str) -> Result<Vec<InsertedRow>> {
+    fn enqueue(&mut self, rows: &[EnqueueRow]) -> Result<Vec<InsertedRow>> {
+        let rows_json = serde_json::to_string(rows).expect("enqueue rows serialize");
         // ORDER BY ord: ids are drawn in insertion order (see
         // `assign_enqueued`). The `woken` CTE sends one NOTIFY per queue with
         // due jobs, delivered when the transaction commits; the cross join
         // makes PostgreSQL evaluate it.
         const SQL: &str = concat!(
             "WITH input AS (
-                SELECT e.j, e.ord FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(j, ord)
+                SELECT e.j, e.ord FROM jsonb_array_elements(?::jsonb) WITH ORDINALITY AS e(j, ord)
             ), inserted AS (
                 INSERT INTO jobs (queue, kind, args, state, priority, max_attempts, timeout_ms,
                                   run_at, created_at, unique_key)
@@ -997,9 +1031,7 @@ impl JobSql for PgConnection {
             )
             SELECT id, unique_key FROM inserted CROSS JOIN (SELECT count(*) FROM woken) AS w"
         );
-        Ok(diesel::sql_query(SQL)
-            .bind::<Text, _>(rows_json)
-            .load(self)?)
+        Ok(prepared(SQL).bind::<Text, _>(rows_json).load(self)?)
     }
 
     fn claim(&mut self, queue: &str, worker: &str, limit: i64) -> Result<Vec<Job>> {
@@ -1009,22 +1041,23 @@ impl JobSql for PgConnection {
             " AS now),
             next AS (
                 SELECT jobs.id FROM jobs, clock
-                WHERE jobs.queue = $1 AND jobs.state IN ('queued', 'retrying')
+                WHERE jobs.queue = ? AND jobs.state IN ('queued', 'retrying')
                   AND jobs.run_at <= clock.now
-                  AND NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = $1 AND queues.paused)
+                  AND NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = ? AND queues.paused)
                 ORDER BY jobs.priority, jobs.run_at, jobs.id
-                LIMIT $2
+                LIMIT ?
                 FOR UPDATE OF jobs SKIP LOCKED
             )
             UPDATE jobs SET state = 'running', attempt = jobs.attempt + 1,
-                lease_id = jobs.lease_id + 1, locked_by = $3, started_at = clock.now,
+                lease_id = jobs.lease_id + 1, locked_by = ?, started_at = clock.now,
                 heartbeat_at = clock.now, deadline_at = clock.now + jobs.timeout_ms,
                 finished_at = NULL
             FROM next, clock
             WHERE jobs.id = next.id
             RETURNING jobs.*"
         );
-        Ok(diesel::sql_query(SQL)
+        Ok(prepared(SQL)
+            .bind::<Text, _>(queue)
             .bind::<Text, _>(queue)
             .bind::<BigInt, _>(limit)
             .bind::<Text, _>(worker)
@@ -1036,12 +1069,12 @@ impl JobSql for PgConnection {
             "UPDATE jobs SET heartbeat_at = ",
             pg_now!(),
             "
-            FROM unnest($1::BIGINT[], $2::BIGINT[]) AS held(id, lease_id)
+            FROM unnest(?::BIGINT[], ?::BIGINT[]) AS held(id, lease_id)
             WHERE jobs.id = held.id AND jobs.lease_id = held.lease_id AND jobs.state = 'running'
             RETURNING jobs.id, jobs.cancel_requested"
         );
         let (ids, lease_ids) = lease_arrays(leases);
-        let rows: Vec<HeldRow> = diesel::sql_query(SQL)
+        let rows: Vec<HeldRow> = prepared(SQL)
             .bind::<Array<BigInt>, _>(ids)
             .bind::<Array<BigInt>, _>(lease_ids)
             .load(self)?;
@@ -1052,27 +1085,18 @@ impl JobSql for PgConnection {
     }
 
     fn complete(&mut self, leases: &[Lease]) -> Result<Vec<i64>> {
-        // The attempt rows are written by a data-modifying CTE, which runs
-        // whether or not the outer SELECT reads it.
+        // No `job_attempts` row: the successful attempt is the job row itself
+        // (see `Store::job_attempts`).
         const SQL: &str = concat!(
-            "WITH done AS (
-                UPDATE jobs SET state = 'completed', finished_at = ",
+            "UPDATE jobs SET state = 'completed', finished_at = ",
             pg_now!(),
             "
-                FROM unnest($1::BIGINT[], $2::BIGINT[]) AS held(id, lease_id)
-                WHERE jobs.id = held.id AND jobs.lease_id = held.lease_id
-                  AND jobs.state = 'running'
-                RETURNING jobs.id, jobs.attempt, jobs.locked_by, jobs.started_at, jobs.finished_at
-            ), recorded AS (
-                INSERT INTO job_attempts (job_id, attempt, worker, started_at, finished_at, outcome)
-                SELECT id, attempt, COALESCE(locked_by, ''), COALESCE(started_at, finished_at),
-                       finished_at, 'completed'
-                FROM done
-            )
-            SELECT id FROM done"
+            FROM unnest(?::BIGINT[], ?::BIGINT[]) AS held(id, lease_id)
+            WHERE jobs.id = held.id AND jobs.lease_id = held.lease_id AND jobs.state = 'running'
+            RETURNING jobs.id"
         );
         let (ids, lease_ids) = lease_arrays(leases);
-        let rows: Vec<IdRow> = diesel::sql_query(SQL)
+        let rows: Vec<IdRow> = prepared(SQL)
             .bind::<Array<BigInt>, _>(ids)
             .bind::<Array<BigInt>, _>(lease_ids)
             .load(self)?;
@@ -1083,29 +1107,45 @@ impl JobSql for PgConnection {
 impl JobSql for SqliteConnection {
     same_on_both!();
 
-    fn enqueue(&mut self, rows_json: &str) -> Result<Vec<InsertedRow>> {
+    fn enqueue(&mut self, rows: &[EnqueueRow]) -> Result<Vec<InsertedRow>> {
+        // jsonb_each, not json_each: it hands each element over as binary
+        // JSON, which `->>` reads without parsing text again per field; and
+        // each job is an array, whose fields `->>` finds by position.
         // `WHERE true` resolves SQLite's parsing ambiguity between a join
         // constraint and the upsert's ON CONFLICT after INSERT … SELECT.
         const SQL: &str = concat!(
             "INSERT INTO jobs (queue, kind, args, state, priority, max_attempts, timeout_ms,
                                run_at, created_at, unique_key)
-            SELECT value->>'queue', value->>'kind', value->>'args', 'queued',
-                   value->>'priority', value->>'max_attempts', value->>'timeout_ms',
-                   COALESCE(value->>'run_at', ",
+            SELECT value->>0, value->>1, value->>2, 'queued', value->>3, value->>4, value->>5,
+                   COALESCE(value->>6, ",
             sqlite_now!(),
-            " + value->>'delay_ms'),
-                   ",
+            " + value->>7), ",
             sqlite_now!(),
-            ", value->>'unique_key'
-            FROM json_each(?) WHERE true ORDER BY key
+            ", value->>8
+            FROM jsonb_each(?) WHERE true ORDER BY key
             ON CONFLICT (unique_key)
                 WHERE unique_key IS NOT NULL AND state IN ('queued', 'running', 'retrying')
                 DO NOTHING
             RETURNING id, unique_key"
         );
-        Ok(diesel::sql_query(SQL)
-            .bind::<Text, _>(rows_json)
-            .load(self)?)
+        let tuples: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.queue,
+                    r.kind,
+                    r.args,
+                    r.priority,
+                    r.max_attempts,
+                    r.timeout_ms,
+                    r.run_at,
+                    r.delay_ms,
+                    r.unique_key,
+                )
+            })
+            .collect();
+        let rows_json = serde_json::to_string(&tuples).expect("enqueue rows serialize");
+        Ok(prepared(SQL).bind::<Text, _>(rows_json).load(self)?)
     }
 
     fn claim(&mut self, queue: &str, worker: &str, limit: i64) -> Result<Vec<Job>> {
@@ -1130,7 +1170,7 @@ impl JobSql for SqliteConnection {
             RETURNING *"
         );
         self.write_tx(|c| {
-            Ok(diesel::sql_query(SQL)
+            Ok(prepared(SQL)
                 .bind::<Text, _>(worker)
                 .bind::<Text, _>(queue)
                 .bind::<Text, _>(queue)
@@ -1156,40 +1196,21 @@ impl JobSql for SqliteConnection {
     }
 
     fn complete(&mut self, leases: &[Lease]) -> Result<Vec<i64>> {
-        self.write_tx(|c| {
-            let mut completed = Vec::with_capacity(leases.len());
-            for lease in leases {
-                let now = now(c);
-                let row = diesel::update(fenced(lease.id, lease.lease_id))
-                    .set((
-                        jobs::state.eq(JobState::Completed),
-                        jobs::finished_at.eq(now.nullable()),
-                    ))
-                    .returning((
-                        jobs::attempt,
-                        jobs::locked_by,
-                        jobs::started_at,
-                        jobs::finished_at,
-                    ))
-                    .get_result::<(i32, Option<String>, Option<i64>, Option<i64>)>(c)
-                    .optional()?;
-                let Some((attempt, worker, started_at, finished_at)) = row else {
-                    continue;
-                };
-                let finished_at = finished_at.unwrap_or_default();
-                diesel::insert_into(job_attempts::table)
-                    .values((
-                        job_attempts::job_id.eq(lease.id),
-                        job_attempts::attempt.eq(attempt),
-                        job_attempts::worker.eq(worker.unwrap_or_default()),
-                        job_attempts::started_at.eq(started_at.unwrap_or(finished_at)),
-                        job_attempts::finished_at.eq(finished_at),
-                        job_attempts::outcome.eq(AttemptOutcome::Completed),
-                    ))
-                    .execute(c)?;
-                completed.push(lease.id);
-            }
-            Ok(completed)
-        })
+        // One statement for the batch, the leases as a JSON array of
+        // [id, lease_id] pairs; no `job_attempts` row (see PostgreSQL's). A
+        // row-value IN, not UPDATE … FROM: SQLite then looks each pair up by
+        // id instead of scanning every running job once per pair.
+        const SQL: &str = concat!(
+            "UPDATE jobs SET state = 'completed', finished_at = ",
+            sqlite_now!(),
+            "
+            WHERE (id, lease_id) IN (SELECT value->>0, value->>1 FROM json_each(?))
+              AND state = 'running'
+            RETURNING id"
+        );
+        let pairs: Vec<[i64; 2]> = leases.iter().map(|l| [l.id, l.lease_id]).collect();
+        let json = serde_json::to_string(&pairs).expect("integers serialize");
+        let rows: Vec<IdRow> = prepared(SQL).bind::<Text, _>(json).load(self)?;
+        Ok(rows.into_iter().map(|r| r.id).collect())
     }
 }

@@ -52,8 +52,10 @@ macro_rules! with_conn {
 
 mod admin;
 mod alerts;
+mod bench;
 mod coord;
 mod jobs;
+mod prepared;
 mod types;
 
 use std::sync::Arc;
@@ -69,6 +71,7 @@ use crate::wake::Wake;
 
 pub use admin::{AuditEntry, Dashboard, DeadGroup, Minute, QueueOverview, QueueSummary};
 pub use alerts::{AlertState, Email, FailureContext, Metric, OutboxRow, Scope};
+pub use bench::{BASELINE_CLAIM, BASELINE_INSERT};
 pub use coord::{LeaderTerm, Overdue, PruneReport, Retention, WorkerInfo};
 pub(crate) use jobs::NOTIFY_CHANNEL;
 pub use jobs::{BulkAction, BulkReport, DeadAction, DeadFilter, Enqueued, JobFilter, Once};

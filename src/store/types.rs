@@ -263,6 +263,18 @@ impl NewJob {
         }
     }
 
+    /// A job whose arguments are JSON text already checked (kept as sent,
+    /// without a parse into a `Value` and back).
+    pub fn with_raw_args(
+        kind: impl Into<String>,
+        args: Box<serde_json::value::RawValue>,
+    ) -> NewJob {
+        NewJob {
+            args: String::from(Box::<str>::from(args)),
+            ..NewJob::new(kind, serde_json::Value::Null)
+        }
+    }
+
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         self.queue = queue.into();
         self

@@ -15,11 +15,12 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
-use super::{Actor, ApiError, AppState, blocking, read_json};
+use super::{Actor, ApiError, AppState, blocking, parse_json, read_json, read_json_body};
 use crate::store::{
     Attempt, AttemptOutcome, BulkAction, DeadAction, DeadFilter, Enqueued, Job, JobFilter,
     JobState, NewJob, Once, QueueOverview, Transition,
@@ -58,7 +59,7 @@ pub struct EnqueueRequest {
     kind: String,
     /// The arguments, any JSON. Default `{}`.
     #[schema(value_type = Object)]
-    args: Option<Value>,
+    args: Option<Box<RawValue>>,
     /// Lower runs first, from -32768 to 32767. Default 0.
     #[schema(minimum = -32768, maximum = 32767)]
     priority: Option<i32>,
@@ -429,8 +430,8 @@ async fn enqueue(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json(&req, payload, state.config.body_limit).await?;
-    let request: EnqueueRequest = from_value(body.clone())?;
+    let body = read_json_body(&req, payload, state.config.body_limit).await?;
+    let request: EnqueueRequest = parse_json(&body)?;
     let job = new_job(&state, request, "")?;
     let results = submit(&state, &req, "POST /api/jobs", &body, vec![job]).await?;
     let answer = results.into_iter().next().expect("one job, one answer");
@@ -463,8 +464,8 @@ async fn enqueue_batch(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json(&req, payload, state.config.body_limit).await?;
-    let batch: BatchRequest = from_value(body.clone())?;
+    let body = read_json_body(&req, payload, state.config.body_limit).await?;
+    let batch: BatchRequest = parse_json(&body)?;
     let max = state.config.batch_max;
     if batch.jobs.is_empty() || batch.jobs.len() > max {
         return Err(ApiError::invalid(format!(
@@ -493,7 +494,7 @@ async fn submit(
     state: &AppState,
     req: &HttpRequest,
     endpoint: &str,
-    body: &Value,
+    body: &[u8],
     jobs: Vec<NewJob>,
 ) -> Result<Vec<EnqueuedBody>, ApiError> {
     let key = idempotency_key(req)?;
@@ -506,7 +507,8 @@ async fn submit(
             enqueued.into_iter().map(enqueued_body).collect()
         }
         Some(key) => {
-            let hash = request_hash(endpoint, body);
+            // Parsed again only here: the hash is over canonical JSON.
+            let hash = request_hash(endpoint, &parse_json::<Value>(body)?);
             let once = blocking(move || {
                 Ok(match store.jobs_enqueue_once(&key, &hash, ttl, &jobs)? {
                     Once::Fresh(enqueued) => {
@@ -654,8 +656,11 @@ fn new_job(state: &AppState, r: EnqueueRequest, at: &str) -> Result<NewJob, ApiE
             format!("{}: {}", field("kind"), state.registry.unknown(&r.kind)),
         ));
     }
-    let args = r.args.unwrap_or_else(|| Value::Object(Default::default()));
-    let mut job = NewJob::new(r.kind, args).queue(queue);
+    let mut job = match r.args {
+        Some(args) => NewJob::with_raw_args(r.kind, args),
+        None => NewJob::new(r.kind, Value::Object(Default::default())),
+    }
+    .queue(queue);
     if let Some(priority) = r.priority {
         if !(i32::from(i16::MIN)..=i32::from(i16::MAX)).contains(&priority) {
             return Err(ApiError::invalid(format!(

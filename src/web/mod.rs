@@ -335,9 +335,33 @@ pub const MAX_JSON_DEPTH: usize = 64;
 /// nesting deeper than [`MAX_JSON_DEPTH`].
 pub async fn read_json(
     req: &HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     limit: usize,
 ) -> Result<serde_json::Value, ApiError> {
+    parse_json(&read_json_body(req, payload, limit).await?)
+}
+
+/// Parses a body read by [`read_json_body`] straight into `T`: 400 for
+/// malformed JSON, 422 (`invalid_field`) for JSON of the wrong shape.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    use serde_json::error::Category;
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        Category::Data => ApiError::invalid(e.to_string()),
+        Category::Io | Category::Syntax | Category::Eof => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            // serde_json's message ends with the line and column.
+            format!("the body is not valid JSON: {e}"),
+        ),
+    })
+}
+
+/// The checks of [`read_json`] but not the parse: the body's bytes.
+pub async fn read_json_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -389,14 +413,7 @@ pub async fn read_json(
             format!("the JSON is nested deeper than {MAX_JSON_DEPTH} levels"),
         ));
     }
-    serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            // serde_json's message ends with the line and column.
-            format!("the body is not valid JSON: {e}"),
-        )
-    })
+    Ok(body)
 }
 
 /// The deepest nesting of arrays and objects in `json`, counted without
