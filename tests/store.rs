@@ -1027,7 +1027,53 @@ fn processes_starting_together_on_a_fresh_database_migrate_it_once(backend: comm
 
 on_both_backends_raw!(processes_starting_together_on_a_fresh_database_migrate_it_once);
 
+fn concurrent_small_enqueues_each_get_their_own_jobs(db: &TestDb) {
+    // On SQLite these share transactions (group commit); every caller must
+    // still get back exactly its own jobs, committed.
+    let threads = 16;
+    let per_thread = 40;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let store = db.store.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut mine = Vec::new();
+                for i in 0..per_thread {
+                    // Alternate one job and two, so groups mix sizes.
+                    let jobs: Vec<NewJob> = (0..1 + i % 2)
+                        .map(|k| NewJob::new("noop", json!({"t": t, "i": i, "k": k})))
+                        .collect();
+                    let enqueued = store.jobs_enqueue(&jobs).unwrap();
+                    assert_eq!(enqueued.len(), jobs.len());
+                    for (e, j) in enqueued.iter().zip(&jobs) {
+                        assert!(e.created);
+                        mine.push((e.id, j.args.clone()));
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    let mut total = 0;
+    for h in handles {
+        for (id, args) in h.join().unwrap() {
+            let stored = db.store.job_get(id).unwrap().expect("committed");
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&stored.args).unwrap(),
+                serde_json::from_str::<serde_json::Value>(&args).unwrap()
+            );
+            assert!(ids.insert(id), "id {id} answered twice");
+            total += 1;
+        }
+    }
+    assert_eq!(total, threads * (per_thread / 2) * 3);
+}
+
 on_both_backends!(
+    concurrent_small_enqueues_each_get_their_own_jobs,
     dead_letters_group_by_kind_and_error_signature,
     dead_letters_replay_and_purge_in_batches_with_progress,
     search_and_scheduled_filters_narrow_the_list,

@@ -307,7 +307,7 @@ impl Store {
             let keep = millis(keep);
             let mut deleted = 0;
             loop {
-                let n = with_conn!(self, c => {
+                let n = with_write_conn!(self, c => {
                     let cutoff = now_minus(c, keep);
                     let batch: Vec<i64> = jobs::table
                         .select(jobs::id)

@@ -110,6 +110,34 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
+/// Enqueues of fewer jobs than this join a group commit on SQLite; larger
+/// batches are committed alone (they already amortize their sync).
+const GROUP_COMMIT_BELOW: usize = 64;
+
+/// Group commit for SQLite enqueues. Each committed transaction costs a disk
+/// sync (`synchronous = FULL`), and SQLite has one writer at a time: a
+/// thousand single-job requests a second, each with its own transaction,
+/// would queue behind each other's syncs. Instead a request adds itself to
+/// `pending` and waits for the `turn`; the holder of the turn commits every
+/// pending request in one transaction and answers each. No thread of its
+/// own, no timer: a lone request commits at once.
+#[derive(Default)]
+pub(crate) struct GroupCommit {
+    pending: std::sync::Mutex<Vec<Waiting>>,
+    turn: std::sync::Mutex<()>,
+}
+
+impl GroupCommit {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<Waiting>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Waiting {
+    jobs: Vec<NewJob>,
+    reply: crossbeam_channel::Sender<Result<Vec<Enqueued>>>,
+}
+
 /// One job as the enqueue statement reads it (on PostgreSQL a JSON array of
 /// these is the statement's single parameter, so any batch size is one
 /// statement; on SQLite each is a row of bound values).
@@ -240,13 +268,75 @@ impl Store {
     /// Unset `max_attempts` and `timeout` get the global defaults (25, 5
     /// minutes); pass jobs through [`crate::Registry::prepare`] first to apply
     /// their kind's defaults.
+    ///
+    /// On SQLite, small enqueues arriving together (API requests, say) are
+    /// committed in one transaction: one disk sync for all of them instead
+    /// of one each ([`GroupCommit`]).
     pub fn jobs_enqueue(&self, new: &[NewJob]) -> Result<Vec<Enqueued>> {
         if new.is_empty() {
             return Ok(Vec::new());
         }
-        let enqueued = with_conn!(self, c => c.write_tx(|c| enqueue_in(c, new)))?;
+        let enqueued = match self.pool {
+            Pool::Sqlite(_) if new.len() < GROUP_COMMIT_BELOW => self.enqueue_grouped(new)?,
+            _ => self.enqueue_alone(new)?,
+        };
         self.wake_queues(new);
         Ok(enqueued)
+    }
+
+    fn enqueue_alone(&self, new: &[NewJob]) -> Result<Vec<Enqueued>> {
+        with_write_conn!(self, c => c.write_tx(|c| enqueue_in(c, new)))
+    }
+
+    /// Joins the next group commit: whoever holds the group's turn commits
+    /// every request waiting so far in one transaction and answers each.
+    fn enqueue_grouped(&self, new: &[NewJob]) -> Result<Vec<Enqueued>> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.group.lock_pending().push(Waiting {
+            jobs: new.to_vec(),
+            reply,
+        });
+        {
+            let _turn = self.group.turn.lock().unwrap_or_else(|e| e.into_inner());
+            // Not answered by the previous turn: this turn answers everyone
+            // waiting, this request included.
+            if answer.is_empty() {
+                let waiting = std::mem::take(&mut *self.group.lock_pending());
+                self.commit_group(waiting);
+            }
+        }
+        answer.recv().unwrap_or_else(|_| {
+            Err(super::Error::Conflict(
+                "the enqueue was interrupted (a panic in the thread committing it); try again"
+                    .into(),
+            ))
+        })
+    }
+
+    fn commit_group(&self, waiting: Vec<Waiting>) {
+        if waiting.len() == 1 {
+            let w = &waiting[0];
+            let _ = w.reply.send(self.enqueue_alone(&w.jobs));
+            return;
+        }
+        let all: Vec<NewJob> = waiting
+            .iter()
+            .flat_map(|w| w.jobs.iter().cloned())
+            .collect();
+        match self.enqueue_alone(&all) {
+            Ok(enqueued) => {
+                let mut rest = enqueued.into_iter();
+                for w in &waiting {
+                    let _ = w.reply.send(Ok(rest.by_ref().take(w.jobs.len()).collect()));
+                }
+            }
+            // One request's failure must not fail the others: each alone.
+            Err(_) => {
+                for w in &waiting {
+                    let _ = w.reply.send(self.enqueue_alone(&w.jobs));
+                }
+            }
+        }
     }
 
     /// [`Store::jobs_enqueue`] under an idempotency key: the first request
@@ -319,7 +409,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut claimed = with_conn!(self, c => c.claim(queue, worker, limit)?);
+        let mut claimed = with_write_conn!(self, c => c.claim(queue, worker, limit)?);
         claimed.sort_by_key(|j| (j.priority, j.run_at, j.id));
         Ok(claimed)
     }
@@ -331,7 +421,7 @@ impl Store {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        with_conn!(self, c => c.heartbeat(leases))
+        with_write_conn!(self, c => c.heartbeat(leases))
     }
 
     /// Marks the jobs under `leases` completed, in one statement. Returns the
@@ -344,7 +434,7 @@ impl Store {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        with_conn!(self, c => c.complete(leases))
+        with_write_conn!(self, c => c.complete(leases))
     }
 
     /// Records a failed attempt: the job goes to `retrying` (claimable after
@@ -376,7 +466,7 @@ impl Store {
         let delay = failure.retry_in.map(millis).unwrap_or(0);
         let error = cap_error(&failure.error);
         let signature = dead.then(|| super::types::error_signature(&failure.error));
-        with_conn!(self, c => c.write_tx(|c| {
+        with_write_conn!(self, c => c.write_tx(|c| {
             let finished = sql::<Nullable<BigInt>>("CASE WHEN cancel_requested OR ")
                 .bind::<Bool, _>(dead)
                 .sql(&format!(" THEN {} END", now_sql(c)));
@@ -419,7 +509,7 @@ impl Store {
     /// Puts a running job back to wait `delay` without counting the attempt.
     /// Returns false when the lease was lost.
     pub fn job_snooze(&self, lease: Lease, delay: Duration) -> Result<bool> {
-        with_conn!(self, c => {
+        with_write_conn!(self, c => {
             let n = diesel::update(fenced(lease.id, lease.lease_id))
                 .set(unclaim(c, millis(delay)))
                 .execute(c)?;
@@ -434,7 +524,7 @@ impl Store {
         if leases.is_empty() {
             return Ok(0);
         }
-        let released = with_conn!(self, c => c.write_tx(|c| {
+        let released = with_write_conn!(self, c => c.write_tx(|c| {
             let mut released = Vec::new();
             for lease in leases {
                 let queue = diesel::update(fenced(lease.id, lease.lease_id))

@@ -50,6 +50,30 @@ macro_rules! with_conn {
     };
 }
 
+/// [`with_conn!`] for statements that write on the hot path. On SQLite they
+/// first take the store's writer gate: SQLite admits one writer at a time,
+/// and its busy handler makes losers sleep (up to 100 ms a try), so under
+/// load a write could wait a second behind luckier ones. The gate queues this
+/// process's writers and hands over at once. (Rarer writes, and other
+/// processes, still rely on `busy_timeout`.)
+macro_rules! with_write_conn {
+    ($store:expr, $c:ident => $body:expr) => {
+        match &$store.pool {
+            $crate::store::Pool::Postgres(pool) => {
+                let mut conn = pool.get()?;
+                let $c: &mut ::diesel::PgConnection = &mut conn;
+                $body
+            }
+            $crate::store::Pool::Sqlite(pool) => {
+                let _gate = $store.writer.lock().unwrap_or_else(|e| e.into_inner());
+                let mut conn = pool.get()?;
+                let $c: &mut ::diesel::SqliteConnection = &mut conn;
+                $body
+            }
+        }
+    };
+}
+
 mod admin;
 mod alerts;
 mod bench;
@@ -173,6 +197,10 @@ pub struct Store {
     pool: Pool,
     url: String,
     wake: Arc<Wake>,
+    /// SQLite: held while writing on the hot path (see [`with_write_conn!`]).
+    writer: Arc<std::sync::Mutex<()>>,
+    /// SQLite: concurrent small enqueues share one transaction.
+    group: Arc<jobs::GroupCommit>,
 }
 
 impl std::fmt::Debug for Store {
@@ -337,6 +365,8 @@ impl Store {
             pool,
             url: url.to_string(),
             wake: Arc::new(Wake::new()),
+            writer: Arc::default(),
+            group: Arc::default(),
         })
     }
 
