@@ -46,6 +46,8 @@ pub struct BenchConfig {
     pub jobs: usize,
     /// Worker threads draining them.
     pub concurrency: usize,
+    /// [`WorkerConfig::max_buffer`].
+    pub max_buffer: usize,
     /// Jobs enqueued one at a time on the idle queue for pickup latency.
     pub pickup_samples: usize,
     /// Also run the plain-SQL baseline.
@@ -210,6 +212,7 @@ fn measure(store: &Store, config: &BenchConfig) -> Result<BenchReport, BenchErro
                 name: QUEUE.into(),
                 concurrency: config.concurrency,
             }],
+            max_buffer: config.max_buffer,
             ..WorkerConfig::default()
         },
     )?;

@@ -90,6 +90,10 @@ struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
 
+    /// Most claimed jobs waiting for a thread (as `serve --max-buffer`).
+    #[arg(long, default_value_t = 1000)]
+    max_buffer: usize,
+
     /// Jobs enqueued one at a time on the idle queue to measure pickup
     /// latency (enqueue to handler start).
     #[arg(long, default_value_t = 200)]
@@ -369,6 +373,7 @@ fn bench(store: &Store, args: BenchArgs) -> Result<(), CliError> {
     let config = crate::bench::BenchConfig {
         jobs: args.jobs,
         concurrency: args.concurrency,
+        max_buffer: args.max_buffer,
         pickup_samples: args.pickup_samples,
         baseline: args.baseline,
         progress: std::io::stderr().is_terminal(),

@@ -1020,7 +1020,11 @@ fn processes_starting_together_on_a_fresh_database_migrate_it_once(backend: comm
     applied.sort();
     applied.dedup();
     assert_eq!(total, applied.len(), "a migration was applied twice");
-    let migrations = std::fs::read_dir("migrations/postgres").unwrap().count();
+    let dir = match backend {
+        common::Backend::Sqlite => "migrations/sqlite",
+        common::Backend::Postgres => "migrations/postgres",
+    };
+    let migrations = std::fs::read_dir(dir).unwrap().count();
     assert_eq!(total, migrations, "every migration applied: {applied:?}");
     assert!(db.store.job_enqueue(&job("noop")).is_ok());
 }

@@ -252,7 +252,7 @@ impl Store {
                 .select((jobs::queue, count_star()))
                 .load::<(String, i64)>(c)?;
             let completed = jobs::table
-                .filter(jobs::state.eq(JobState::Completed))
+                .filter(super::state_in(&[JobState::Completed]))
                 .filter(jobs::finished_at.ge(hour_ago))
                 .group_by(jobs::queue)
                 .select((jobs::queue, count_star()))

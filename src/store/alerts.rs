@@ -181,7 +181,7 @@ impl Store {
                 Metric::FailureRate => {
                     let failures = failed(c, None)?;
                     let completed: i64 = scoped!(jobs::table
-                        .filter(jobs::state.eq(super::JobState::Completed))
+                        .filter(super::state_in(&[super::JobState::Completed]))
                         .filter(jobs::finished_at.ge(since))
                         .select(count_star()))
                     .get_result(c)?;

@@ -240,7 +240,7 @@ impl Store {
             let stale_before = now_minus(c, stale_ms);
             let now_nullable = now_minus(c, 0);
             jobs::table
-                .filter(jobs::state.eq(JobState::Running))
+                .filter(super::state_in(&[JobState::Running]))
                 .filter(
                     jobs::heartbeat_at
                         .lt(stale_before)
@@ -311,7 +311,7 @@ impl Store {
                     let cutoff = now_minus(c, keep);
                     let batch: Vec<i64> = jobs::table
                         .select(jobs::id)
-                        .filter(jobs::state.eq(state))
+                        .filter(super::state_in(&[state]))
                         .filter(jobs::finished_at.lt(cutoff))
                         .limit(PRUNE_BATCH)
                         .load(c)?;

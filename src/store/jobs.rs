@@ -805,7 +805,7 @@ impl Store {
         with_conn!(self, c => {
             let mut query = jobs::table.select(Job::as_select()).into_boxed();
             if !filter.states.is_empty() {
-                query = query.filter(jobs::state.eq_any(filter.states.clone()));
+                query = query.filter(super::state_in(&filter.states));
             }
             if let Some(queue) = &filter.queue {
                 query = query.filter(jobs::queue.eq(queue.clone()));
@@ -1125,14 +1125,18 @@ impl JobSql for PgConnection {
     }
 
     fn claim(&mut self, queue: &str, worker: &str, limit: i64) -> Result<Vec<Job>> {
+        // The clock is read once, and compared through a scalar subquery:
+        // joined as a table instead, it hides from the planner that the index
+        // scan is already in claim order, and every claim sorted the whole
+        // backlog (measured: 60 ms per claim at 100,000 queued jobs).
         const SQL: &str = concat!(
             "WITH clock AS MATERIALIZED (SELECT ",
             pg_now!(),
             " AS now),
             next AS (
-                SELECT jobs.id FROM jobs, clock
+                SELECT jobs.id FROM jobs
                 WHERE jobs.queue = ? AND jobs.state IN ('queued', 'retrying')
-                  AND jobs.run_at <= clock.now
+                  AND jobs.run_at <= (SELECT now FROM clock)
                   AND NOT EXISTS (SELECT 1 FROM queues WHERE queues.name = ? AND queues.paused)
                 ORDER BY jobs.priority, jobs.run_at, jobs.id
                 LIMIT ?

@@ -249,6 +249,17 @@ impl Dialect for SqliteConnection {
     }
 }
 
+/// `jobs.state IN ('…', …)` with `states` spelled out: partial indexes on
+/// `state` serve a query only when its predicate is a literal the planner
+/// can compare (a bound parameter hides it from SQLite, and from PostgreSQL's
+/// generic plans). The values are errand's own state names, never input.
+pub(crate) fn state_in(
+    states: &[JobState],
+) -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
+    let names: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    diesel::dsl::sql(&format!("jobs.state IN ({})", names.join(", ")))
+}
+
 /// The database clock, for use in DSL expressions.
 pub(crate) fn now<C: Dialect>(_: &C) -> diesel::expression::SqlLiteral<BigInt> {
     diesel::dsl::sql::<BigInt>(C::NOW)
