@@ -8,7 +8,8 @@
 #      jobs, pickup latency on an idle queue, and the plain-SQL baselines
 #      (multi-row INSERT of 1,000; a loop claiming 100 per statement and
 #      deleting them).
-#   2. `POST /api/jobs/batch` (1,000 jobs a request, 2 connections) against
+#   2. `POST /api/jobs/batch` (1,000 jobs a request, one connection, as the
+#      baseline has) against
 #      `errand serve` with no worker on the queue, with oha; its jobs/s over
 #      step 1's multi-row INSERT rate.
 #   3. Single `POST /api/jobs` at a steady 1,000 requests/s for DURATION
@@ -43,6 +44,7 @@ PGHOST=${PGHOST:-127.0.0.1}
 PGPORT=${PGPORT:-5432}
 PGUSER=${PGUSER:-postgres}
 export PGHOST PGPORT PGUSER
+export PGOPTIONS="--client-min-messages=warning"
 
 if ! command -v oha > /dev/null; then
     echo "bench: installing oha (HTTP load generator) with cargo install" >&2
@@ -116,7 +118,7 @@ for backend in $BACKENDS; do
 
         url=$(fresh_db "$backend")
         start_server "$url" "idle=1"
-        oha --no-tui --output-format json -n 100 -c 2 -m POST -T application/json \
+        oha --no-tui --output-format json -n 100 -c 1 -m POST -T application/json \
             -D "$tmp/batch.json" http://127.0.0.1:18089/api/jobs/batch > "$tmp/batch-oha.json"
         stop_server
 

@@ -27,7 +27,7 @@ use std::backtrace::Backtrace;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -194,12 +194,10 @@ pub const BUFFER_WINDOW: Duration = Duration::from_millis(50);
 
 struct QueueRunner {
     spec: QueueSpec,
-    /// Jobs claimed and not yet finished by an executor: running, or waiting
-    /// in the channel.
-    in_flight: Mutex<usize>,
-    /// Signalled when `in_flight` falls below `refill_below` (and on stop).
-    in_flight_cv: Condvar,
-    refill_below: AtomicUsize,
+    /// What this queue holds; the fetcher waits on `counts_cv` for room.
+    counts: Mutex<Counts>,
+    /// Signalled when a count falls (and on stop).
+    counts_cv: Condvar,
     /// Recent handler run time in nanoseconds (moving average); sizes the
     /// buffer. Starts at a second, so a queue claims no more than its idle
     /// threads until it has seen its jobs are fast.
@@ -208,7 +206,22 @@ struct QueueRunner {
     jobs_rx: Receiver<Arc<Held>>,
 }
 
+#[derive(Debug, Default)]
+struct Counts {
+    /// Claimed and not yet finished by an executor: running, or waiting in
+    /// the channel.
+    in_flight: usize,
+    /// Claimed and not yet recorded: `in_flight` plus results on their way
+    /// to the database. Bounds claims when recording falls behind (a slow
+    /// or unreachable database), so that claimed work cannot pile up.
+    unrecorded: usize,
+}
+
 impl QueueRunner {
+    fn counts(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Jobs to keep waiting beyond one per thread: what the threads finish
     /// within [`BUFFER_WINDOW`] at the recent pace, at most `max`.
     fn buffer_target(&self, max: usize) -> usize {
@@ -258,11 +271,17 @@ impl Shared {
     /// An executor is done with a job (or abandoned it): one less in flight.
     fn free_slot(&self, queue: usize) {
         let q = &self.queues[queue];
-        let mut n = q.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        *n = n.saturating_sub(1);
-        if *n < q.refill_below.load(Ordering::Relaxed) {
-            q.in_flight_cv.notify_one();
-        }
+        let mut counts = q.counts();
+        counts.in_flight = counts.in_flight.saturating_sub(1);
+        q.counts_cv.notify_one();
+    }
+
+    /// Results of `queue` are recorded: that many fewer unrecorded.
+    fn recorded(&self, queue: usize, n: usize) {
+        let q = &self.queues[queue];
+        let mut counts = q.counts();
+        counts.unrecorded = counts.unrecorded.saturating_sub(n);
+        q.counts_cv.notify_one();
     }
 }
 
@@ -301,9 +320,8 @@ impl Worker {
                 senders.push(tx);
                 Arc::new(QueueRunner {
                     spec: spec.clone(),
-                    in_flight: Mutex::new(0),
-                    in_flight_cv: Condvar::new(),
-                    refill_below: AtomicUsize::new(spec.concurrency),
+                    counts: Mutex::default(),
+                    counts_cv: Condvar::new(),
                     run_ns: AtomicU64::new(1_000_000_000),
                     jobs_rx: rx,
                 })
@@ -406,7 +424,7 @@ impl Worker {
         shared.stopping.store(true, Ordering::SeqCst);
         shared.store.wake().interrupt();
         for q in &shared.queues {
-            q.in_flight_cv.notify_all();
+            q.counts_cv.notify_all();
         }
         // Fetchers exit and drop their senders; executors release whatever
         // was claimed but not started, finish what they run, and exit.
@@ -497,22 +515,21 @@ fn fetch_loop(shared: &Shared, index: usize, tx: Sender<Arc<Held>>) {
     let mut failures: u32 = 0;
     loop {
         let want = {
-            let mut in_flight = q.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            let mut counts = q.counts();
             loop {
                 if shared.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                // Refill when a thread is idle or half the buffer is gone.
-                let target = q.buffer_target(shared.config.max_buffer);
-                let refill_below = concurrency + target / 2;
-                if *in_flight < refill_below {
-                    break concurrency + target - *in_flight;
+                // Refill when a thread is idle or half the buffer is gone,
+                // unless a whole buffer's worth of results is still waiting
+                // to be recorded.
+                let full = concurrency + q.buffer_target(shared.config.max_buffer);
+                let refill_below = concurrency + (full - concurrency) / 2;
+                let unrecorded_cap = 2 * full;
+                if counts.in_flight < refill_below && counts.unrecorded < unrecorded_cap {
+                    break (full - counts.in_flight).min(unrecorded_cap - counts.unrecorded);
                 }
-                q.refill_below.store(refill_below, Ordering::Relaxed);
-                in_flight = q
-                    .in_flight_cv
-                    .wait(in_flight)
-                    .unwrap_or_else(|e| e.into_inner());
+                counts = q.counts_cv.wait(counts).unwrap_or_else(|e| e.into_inner());
             }
         };
         if shared.stopping.load(Ordering::SeqCst) {
@@ -525,7 +542,11 @@ fn fetch_loop(shared: &Shared, index: usize, tx: Sender<Arc<Held>>) {
                 failures = 0;
                 let got = jobs.len();
                 if got > 0 {
-                    *q.in_flight.lock().unwrap_or_else(|e| e.into_inner()) += got;
+                    {
+                        let mut counts = q.counts();
+                        counts.in_flight += got;
+                        counts.unrecorded += got;
+                    }
                     let mut held = shared.held();
                     let mut batch = Vec::with_capacity(got);
                     for job in jobs {
@@ -724,13 +745,20 @@ fn complete_loop(shared: &Shared, rx: Receiver<Finished>, stop: Receiver<()>) ->
         match record(shared, &pending, &mut report) {
             Ok(()) => {
                 failures = 0;
+                let mut per_queue = vec![0; shared.queues.len()];
                 let mut held = shared.held();
                 for f in pending.drain(..) {
                     if let Some(h) = f.held() {
                         held.remove(&h.lease.id);
+                        per_queue[h.queue] += 1;
                     }
                 }
                 drop(held);
+                for (queue, n) in per_queue.into_iter().enumerate() {
+                    if n > 0 {
+                        shared.recorded(queue, n);
+                    }
+                }
                 if shared.stopping.load(Ordering::Relaxed) {
                     shared.held_cv.notify_all();
                 }

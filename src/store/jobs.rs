@@ -1065,6 +1065,18 @@ trait JobSql: Dialect {
     fn complete(&mut self, leases: &[Lease]) -> Result<Vec<i64>>;
 }
 
+/// PostgreSQL: the rows held under parallel arrays of ids and lease ids
+/// (binds: ids, lease ids, ids). Not a join with `unnest(…)`: its row count
+/// is unknown to the planner, which then may scan every running job once per
+/// lease (measured: a 13 s completion with 85,000 jobs running). Here the ids
+/// drive the lookup and each row's lease is read from the array by position.
+macro_rules! fenced_by_arrays {
+    () => {
+        "jobs.id = ANY(?::BIGINT[]) AND jobs.state = 'running'
+              AND jobs.lease_id = (?::BIGINT[])[array_position(?::BIGINT[], jobs.id)]"
+    };
+}
+
 fn lease_arrays(leases: &[Lease]) -> (Vec<i64>, Vec<i64>) {
     leases.iter().map(|l| (l.id, l.lease_id)).unzip()
 }
@@ -1163,14 +1175,16 @@ impl JobSql for PgConnection {
             "UPDATE jobs SET heartbeat_at = ",
             pg_now!(),
             "
-            FROM unnest(?::BIGINT[], ?::BIGINT[]) AS held(id, lease_id)
-            WHERE jobs.id = held.id AND jobs.lease_id = held.lease_id AND jobs.state = 'running'
+            WHERE ",
+            fenced_by_arrays!(),
+            "
             RETURNING jobs.id, jobs.cancel_requested"
         );
         let (ids, lease_ids) = lease_arrays(leases);
         let rows: Vec<HeldRow> = prepared(SQL)
-            .bind::<Array<BigInt>, _>(ids)
-            .bind::<Array<BigInt>, _>(lease_ids)
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<BigInt>, _>(&lease_ids)
+            .bind::<Array<BigInt>, _>(&ids)
             .load(self)?;
         Ok(rows
             .into_iter()
@@ -1185,14 +1199,16 @@ impl JobSql for PgConnection {
             "UPDATE jobs SET state = 'completed', finished_at = ",
             pg_now!(),
             "
-            FROM unnest(?::BIGINT[], ?::BIGINT[]) AS held(id, lease_id)
-            WHERE jobs.id = held.id AND jobs.lease_id = held.lease_id AND jobs.state = 'running'
+            WHERE ",
+            fenced_by_arrays!(),
+            "
             RETURNING jobs.id"
         );
         let (ids, lease_ids) = lease_arrays(leases);
         let rows: Vec<IdRow> = prepared(SQL)
-            .bind::<Array<BigInt>, _>(ids)
-            .bind::<Array<BigInt>, _>(lease_ids)
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<BigInt>, _>(&lease_ids)
+            .bind::<Array<BigInt>, _>(&ids)
             .load(self)?;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
