@@ -1065,18 +1065,16 @@ trait JobSql: Dialect {
     fn complete(&mut self, leases: &[Lease]) -> Result<Vec<i64>>;
 }
 
-/// PostgreSQL: the rows held under parallel arrays of ids and lease ids
-/// (binds: ids, lease ids, ids). Not a join with `unnest(…)`: its row count
-/// is unknown to the planner, which then may scan every running job once per
-/// lease (measured: a 13 s completion with 85,000 jobs running). Here the ids
-/// drive the lookup and each row's lease is read from the array by position.
-macro_rules! fenced_by_arrays {
-    () => {
-        "jobs.id = ANY(?::BIGINT[]) AND jobs.state = 'running'
-              AND jobs.lease_id = (?::BIGINT[])[array_position(?::BIGINT[], jobs.id)]"
-    };
-}
-
+/// Parallel arrays of ids and lease ids, for PostgreSQL's fenced batch
+/// updates: `FROM unnest(ids, lease_ids) AS held(id, lease_id)` joined on
+/// both. With fresh statistics that is a nested loop over the primary key.
+/// Right after a burst of claims the statistics may say almost nothing runs,
+/// and the planner may then scan every running row, even once per lease
+/// (measured: 13 s for 1,000 leases with 85,000 jobs running). The workers'
+/// backpressure keeps what one process holds near its buffer, which bounds
+/// that case; autovacuum's next analyze ends it. (Reading each lease by
+/// `array_position` instead was measured slower both ways: 1.4× with fresh
+/// statistics, 20× with stale.)
 fn lease_arrays(leases: &[Lease]) -> (Vec<i64>, Vec<i64>) {
     leases.iter().map(|l| (l.id, l.lease_id)).unzip()
 }
@@ -1175,16 +1173,14 @@ impl JobSql for PgConnection {
             "UPDATE jobs SET heartbeat_at = ",
             pg_now!(),
             "
-            WHERE ",
-            fenced_by_arrays!(),
-            "
+            FROM unnest(?::BIGINT[], ?::BIGINT[]) AS held(id, lease_id)
+            WHERE jobs.id = held.id AND jobs.lease_id = held.lease_id AND jobs.state = 'running'
             RETURNING jobs.id, jobs.cancel_requested"
         );
         let (ids, lease_ids) = lease_arrays(leases);
         let rows: Vec<HeldRow> = prepared(SQL)
-            .bind::<Array<BigInt>, _>(&ids)
-            .bind::<Array<BigInt>, _>(&lease_ids)
-            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<BigInt>, _>(ids)
+            .bind::<Array<BigInt>, _>(lease_ids)
             .load(self)?;
         Ok(rows
             .into_iter()
@@ -1199,16 +1195,14 @@ impl JobSql for PgConnection {
             "UPDATE jobs SET state = 'completed', finished_at = ",
             pg_now!(),
             "
-            WHERE ",
-            fenced_by_arrays!(),
-            "
+            FROM unnest(?::BIGINT[], ?::BIGINT[]) AS held(id, lease_id)
+            WHERE jobs.id = held.id AND jobs.lease_id = held.lease_id AND jobs.state = 'running'
             RETURNING jobs.id"
         );
         let (ids, lease_ids) = lease_arrays(leases);
         let rows: Vec<IdRow> = prepared(SQL)
-            .bind::<Array<BigInt>, _>(&ids)
-            .bind::<Array<BigInt>, _>(&lease_ids)
-            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<BigInt>, _>(ids)
+            .bind::<Array<BigInt>, _>(lease_ids)
             .load(self)?;
         Ok(rows.into_iter().map(|r| r.id).collect())
     }
