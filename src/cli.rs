@@ -248,6 +248,53 @@ struct RunArgs {
     /// (attempt^4 + 15 s, with jitter), for kinds that set none.
     #[arg(long, env = "ERRAND_RETRY_DELAY", value_parser = humantime::parse_duration)]
     retry_delay: Option<Duration>,
+
+    /// Queues worked by external workers over HTTP (POST
+    /// /api/workers/fetch), comma-separated: this process's threads never
+    /// claim from them, and jobs of any kind may be enqueued there.
+    #[arg(long, env = "ERRAND_EXTERNAL_QUEUES", value_delimiter = ',')]
+    external_queues: Vec<String>,
+
+    /// Where `http` jobs may send requests; repeat the flag or separate with
+    /// commas. Each is a host (any port), host:port, *.domain, or a URL
+    /// prefix (https://api.example.com/hooks/). Without one, any target.
+    #[arg(long = "http-allow", env = "ERRAND_HTTP_ALLOW", value_delimiter = ',')]
+    http_allow: Vec<String>,
+
+    /// Secret that signs every `http` job's request: an Errand-Signature
+    /// header, t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">.
+    #[arg(long, env = "ERRAND_HTTP_SIGNING_SECRET", hide_env_values = true)]
+    http_signing_secret: Option<String>,
+
+    /// Sender of `email` jobs that name none [default: the alert sender].
+    #[arg(long, env = "ERRAND_EMAIL_FROM")]
+    email_from: Option<String>,
+}
+
+impl RunArgs {
+    /// The external queues, trimmed, without empties.
+    fn external_queues(&self) -> Vec<String> {
+        self.external_queues
+            .iter()
+            .map(|q| q.trim().to_string())
+            .filter(|q| !q.is_empty())
+            .collect()
+    }
+
+    /// The built-in kinds' settings; SMTP as for alerts.
+    fn kinds(&self, alerts: &AlertConfig) -> crate::kinds::KindsConfig {
+        let mut config = crate::kinds::KindsConfig::default();
+        config.http.allow = self
+            .http_allow
+            .iter()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        config.http.signing_secret = self.http_signing_secret.clone().filter(|s| !s.is_empty());
+        config.email.smtp_url = alerts.smtp_url.clone();
+        config.email.from = self.email_from.clone().unwrap_or_else(|| alerts.from.clone());
+        config
+    }
 }
 
 /// `--queues`, parsed (one value holding every queue).
@@ -346,7 +393,12 @@ fn dispatch(cli: Cli, registry: Registry) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Enqueue(args) => enqueue(&store, &registry, args),
+        Command::Enqueue(args) => {
+            let mut registry = registry;
+            // Known here so that they can be enqueued; they run elsewhere.
+            crate::kinds::register(&mut registry, &Default::default());
+            enqueue(&store, &registry, args)
+        }
         Command::Work(run) => {
             let shutdown = Shutdown::new();
             shutdown
@@ -485,6 +537,7 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
         idempotency_ttl: args.idempotency_ttl,
         dashboard_users: args.dashboard_users.clone(),
         alerts: Arc::default(),
+        external_queues: args.run.external_queues(),
     };
     // Bind before starting workers, so that a taken port fails fast.
     let listener = TcpListener::bind(&args.bind).map_err(|e| {
@@ -592,7 +645,17 @@ impl Running {
         if run.max_rescues < 1 {
             return Err(CliError("--max-rescues must be at least 1".into()));
         }
+        let external = run.external_queues();
+        if let Some(q) = run.queues.0.iter().find(|q| external.contains(&q.name)) {
+            return Err(CliError(format!(
+                "queue '{}' is in both --queues and --external-queues: external queues belong to \
+                 workers that fetch over HTTP; remove it from one of them",
+                q.name
+            )));
+        }
         let backoff = run.retry_delay.map_or(Backoff::Exponential, Backoff::Fixed);
+        let mut registry = registry;
+        crate::kinds::register(&mut registry, &run.kinds(&alerts));
         let registry = Arc::new(registry);
         let worker = Worker::start(
             store.clone(),

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,7 @@ pub struct JobContext {
     pub max_attempts: i32,
     deadline: Instant,
     cancelled: Arc<AtomicBool>,
+    detail: Mutex<Option<serde_json::Value>>,
 }
 
 impl JobContext {
@@ -104,7 +105,25 @@ impl JobContext {
             max_attempts: job.max_attempts,
             deadline,
             cancelled,
+            detail: Mutex::new(None),
         }
+    }
+
+    /// Keeps `detail` (any JSON: an HTTP status and duration, an SMTP reply)
+    /// with this attempt's record, whatever its outcome; shown on the job's
+    /// page and in the API. A later call replaces it. Keep it small: it is
+    /// stored capped at 16 KiB.
+    pub fn record(&self, detail: serde_json::Value) {
+        *self.detail.lock().unwrap_or_else(|e| e.into_inner()) = Some(detail);
+    }
+
+    /// What [`JobContext::record`] kept, as JSON text.
+    pub(crate) fn take_detail(&self) -> Option<String> {
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(|v| v.to_string())
     }
 
     /// True once an operator has cancelled this job or the worker has lost

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod job;
+pub mod kinds;
 pub mod maintenance;
 pub mod metrics;
 pub mod schema;

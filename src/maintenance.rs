@@ -125,6 +125,7 @@ impl Rescuer<'_> {
                 outcome,
                 error,
                 retry_in,
+                detail: None,
             };
             match self.store.job_rescue(job.lease, &failure)? {
                 Some(JobState::Dead) => report.dead += 1,

@@ -63,6 +63,7 @@ diesel::table! {
         finished_at -> Int8,
         outcome -> Text,
         error -> Nullable<Text>,
+        detail -> Nullable<Text>,
     }
 }
 

@@ -39,7 +39,9 @@ use tracing::{debug, info, warn};
 use crate::job::{Backoff, JobContext, Outcome, Registry};
 use crate::metrics::Metrics;
 use crate::shutdown::{Shutdown, Stage};
-use crate::store::{self, AttemptOutcome, Failure, Job, JobState, Lease, Store, WorkerInfo};
+use crate::store::{
+    self, AttemptOutcome, CompletedDetail, Failure, Job, JobState, Lease, Store, WorkerInfo,
+};
 
 /// A queue to work and how many jobs of it may run at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,9 +173,10 @@ impl Held {
 
 /// A result on its way to the database.
 enum Finished {
-    Done(Arc<Held>),
+    /// With what the attempt recorded, if anything.
+    Done(Arc<Held>, Option<String>),
     Failed(Arc<Held>, Failure),
-    Snoozed(Arc<Held>, Duration),
+    Snoozed(Arc<Held>, Duration, Option<String>),
     Released(Arc<Held>),
     /// The completer's last message: everything before it is recorded.
     Stop,
@@ -182,7 +185,7 @@ enum Finished {
 impl Finished {
     fn held(&self) -> Option<&Arc<Held>> {
         match self {
-            Finished::Done(h) | Finished::Failed(h, _) | Finished::Snoozed(h, _) => Some(h),
+            Finished::Done(h, _) | Finished::Failed(h, _) | Finished::Snoozed(h, _, _) => Some(h),
             Finished::Released(h) => Some(h),
             Finished::Stop => None,
         }
@@ -660,11 +663,14 @@ fn run_job(shared: &Shared, held: &Arc<Held>) -> Finished {
     let took = started.elapsed();
     shared.queues[held.queue].ran_for(took);
     metrics.ran(&job.queue, &job.kind, took.as_secs_f64());
+    let detail = ctx.take_detail();
     let retry = |outcome: AttemptOutcome, error: String| {
-        Finished::Failed(held.clone(), failure(shared, job, outcome, error))
+        let mut failure = failure(shared, job, outcome, error);
+        failure.detail = detail.clone();
+        Finished::Failed(held.clone(), failure)
     };
     match ran {
-        Ok(Some(Outcome::Done)) => Finished::Done(held.clone()),
+        Ok(Some(Outcome::Done)) => Finished::Done(held.clone(), detail),
         Ok(Some(Outcome::Retry(error))) => retry(AttemptOutcome::Error, error),
         Ok(Some(Outcome::Dead(error))) => Finished::Failed(
             held.clone(),
@@ -672,9 +678,10 @@ fn run_job(shared: &Shared, held: &Arc<Held>) -> Finished {
                 outcome: AttemptOutcome::Error,
                 error,
                 retry_in: None,
+                detail,
             },
         ),
-        Ok(Some(Outcome::Snooze(delay))) => Finished::Snoozed(held.clone(), delay),
+        Ok(Some(Outcome::Snooze(delay))) => Finished::Snoozed(held.clone(), delay, detail),
         // A kind this process does not know may be known to a newer version
         // of the code rolling out: retry rather than bury it.
         Ok(None) => retry(
@@ -707,6 +714,7 @@ fn failure(shared: &Shared, job: &Job, outcome: AttemptOutcome, error: String) -
         outcome,
         error,
         retry_in: (job.attempt < job.max_attempts).then(|| backoff.delay(job.attempt)),
+        detail: None,
     }
 }
 
@@ -791,7 +799,7 @@ fn record(shared: &Shared, batch: &[Finished], report: &mut ShutdownReport) -> s
     let done: Vec<&Arc<Held>> = batch
         .iter()
         .filter_map(|f| match f {
-            Finished::Done(h) => Some(h),
+            Finished::Done(h, _) => Some(h),
             _ => None,
         })
         .collect();
@@ -805,6 +813,24 @@ fn record(shared: &Shared, batch: &[Finished], report: &mut ShutdownReport) -> s
         if completed.len() < done.len() {
             lost(shared, done.len() - completed.len(), "completion");
         }
+        // What successful attempts recorded (HTTP and email kinds): rare
+        // next to plain completions, so written after them, one row each.
+        let details: Vec<CompletedDetail> = batch
+            .iter()
+            .filter_map(|f| match f {
+                Finished::Done(h, Some(detail)) if completed.contains(&h.lease.id) => {
+                    Some(CompletedDetail {
+                        job_id: h.lease.id,
+                        attempt: h.job.attempt,
+                        worker: shared.id.clone(),
+                        started_at: h.job.started_at.unwrap_or_default(),
+                        detail: detail.clone(),
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        store.attempts_record_completed(&details)?;
     }
     let mut released = Vec::new();
     for f in batch {
@@ -817,13 +843,13 @@ fn record(shared: &Shared, batch: &[Finished], report: &mut ShutdownReport) -> s
                 }
                 None => lost(shared, 1, "failure"),
             },
-            Finished::Snoozed(h, delay) => {
-                if !store.job_snooze(h.lease, *delay)? {
+            Finished::Snoozed(h, delay, detail) => {
+                if !store.job_snooze_recorded(h.lease, *delay, detail.as_deref())? {
                     lost(shared, 1, "snooze");
                 }
             }
             Finished::Released(h) => released.push(h.lease),
-            Finished::Done(_) | Finished::Stop => {}
+            Finished::Done(..) | Finished::Stop => {}
         }
     }
     report.released += store.jobs_release(&released)?;

@@ -178,6 +178,7 @@ fn bury(db: &TestDb, n: usize, error: &str) -> Vec<i64> {
                 outcome: AttemptOutcome::Error,
                 error: format!("{error} for job {}", job.id),
                 retry_in: None,
+                detail: None,
             };
             db.store.job_fail(job.lease(), &failure).unwrap();
         }

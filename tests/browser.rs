@@ -371,6 +371,7 @@ fn a_viewer_can_look_but_not_act(backend: Backend) {
                 outcome: errand::store::AttemptOutcome::Error,
                 error: "declined".into(),
                 retry_in: None,
+                detail: None,
             },
         )
         .unwrap();

@@ -27,6 +27,7 @@ fn retry_now(error: &str) -> Failure {
         outcome: AttemptOutcome::Error,
         error: error.to_string(),
         retry_in: Some(Duration::ZERO),
+        detail: None,
     }
 }
 
@@ -219,6 +220,7 @@ fn a_completion_after_the_lease_was_rescued_changes_nothing(db: &TestDb) {
         outcome: AttemptOutcome::Lost,
         error: "worker stopped heartbeating".into(),
         retry_in: Some(Duration::ZERO),
+        detail: None,
     };
     assert_eq!(
         db.store.job_rescue(stale.lease(), &lost).unwrap(),

@@ -261,7 +261,7 @@ impl Store {
             // attempts applies (a bound value would hide it from SQLite).
             let failed = job_attempts::table
                 .inner_join(jobs::table)
-                .filter(sql::<Bool>("job_attempts.outcome <> 'completed'"))
+                .filter(sql::<Bool>(super::alerts::FAILED_ATTEMPT_SQL))
                 .filter(job_attempts::finished_at.ge(hour_ago))
                 .group_by(jobs::queue)
                 .select((jobs::queue, count_star()))
@@ -275,7 +275,7 @@ impl Store {
             .load(c)?;
             let failed_minutes: Vec<MinuteRow> = diesel::sql_query(format!(
                 "SELECT (finished_at - {start}) / 60000 AS minute, COUNT(*) AS n FROM job_attempts \
-                 WHERE outcome <> 'completed' AND finished_at >= {start} GROUP BY 1"
+                 WHERE outcome <> 'completed' AND outcome <> 'snoozed' AND finished_at >= {start} GROUP BY 1"
             ))
             .load(c)?;
             let paused = queues::table

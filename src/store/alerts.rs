@@ -36,7 +36,8 @@ macro_rules! insert_email {
 }
 
 /// Failed attempts (the predicate of the partial index `job_attempts_failed`).
-const FAILED_ATTEMPT_SQL: &str = "job_attempts.outcome <> 'completed'";
+pub(crate) const FAILED_ATTEMPT_SQL: &str =
+    "job_attempts.outcome <> 'completed' AND job_attempts.outcome <> 'snoozed'";
 const CLAIMABLE_SQL: &str = "jobs.state IN ('queued', 'retrying')";
 
 /// What a rule measures.

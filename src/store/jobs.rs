@@ -31,6 +31,17 @@ const MAX_ERROR_BYTES: usize = 16 * 1024;
 /// The states in which a job is not finished (and holds its unique key).
 const UNFINISHED: [JobState; 3] = [JobState::Queued, JobState::Running, JobState::Retrying];
 
+/// A successful attempt's record, for [`Store::attempts_record_completed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletedDetail {
+    pub job_id: i64,
+    pub attempt: i32,
+    pub worker: String,
+    pub started_at: i64,
+    /// JSON.
+    pub detail: String,
+}
+
 /// The answer to enqueueing one job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enqueued {
@@ -500,6 +511,7 @@ impl Store {
                     job_attempts::finished_at.eq(now),
                     job_attempts::outcome.eq(failure.outcome),
                     job_attempts::error.eq(&error),
+                    job_attempts::detail.eq(failure.detail.as_deref().map(cap_error)),
                 ))
                 .execute(c)?;
             Ok(Some(state))
@@ -509,12 +521,77 @@ impl Store {
     /// Puts a running job back to wait `delay` without counting the attempt.
     /// Returns false when the lease was lost.
     pub fn job_snooze(&self, lease: Lease, delay: Duration) -> Result<bool> {
-        with_write_conn!(self, c => {
+        self.job_snooze_recorded(lease, delay, None)
+    }
+
+    /// [`Store::job_snooze`], keeping why as a `snoozed` attempt row when
+    /// `detail` (JSON) is given.
+    pub fn job_snooze_recorded(
+        &self,
+        lease: Lease,
+        delay: Duration,
+        detail: Option<&str>,
+    ) -> Result<bool> {
+        with_write_conn!(self, c => c.write_tx(|c| {
+            // Who ran it, read before the snooze clears it.
+            let held = match detail {
+                Some(_) => fenced(lease.id, lease.lease_id)
+                    .select((jobs::attempt, jobs::locked_by, jobs::started_at))
+                    .first::<(i32, Option<String>, Option<i64>)>(c)
+                    .optional()?,
+                None => None,
+            };
             let n = diesel::update(fenced(lease.id, lease.lease_id))
                 .set(unclaim(c, millis(delay)))
                 .execute(c)?;
-            Ok(n == 1)
-        })
+            if n == 0 {
+                return Ok(false);
+            }
+            if let (Some(detail), Some((attempt, worker, started_at))) = (detail, held) {
+                let now = now(c);
+                diesel::insert_into(job_attempts::table)
+                    .values((
+                        job_attempts::job_id.eq(lease.id),
+                        // The attempt the snooze gave back: the next claim
+                        // runs it again under the same number.
+                        job_attempts::attempt.eq(attempt),
+                        job_attempts::worker.eq(worker.unwrap_or_default()),
+                        job_attempts::started_at.eq(started_at.unwrap_or_default()),
+                        job_attempts::finished_at.eq(now),
+                        job_attempts::outcome.eq(AttemptOutcome::Snoozed),
+                        job_attempts::detail.eq(cap_error(detail)),
+                    ))
+                    .execute(c)?;
+            }
+            Ok(true)
+        }))
+    }
+
+    /// Keeps what successful attempts recorded: one `completed` attempt row
+    /// per `(job, attempt, worker, started_at, detail)`, written after the
+    /// batch completion (jobs without a detail keep no row; see
+    /// [`Store::jobs_complete`]).
+    pub fn attempts_record_completed(&self, done: &[CompletedDetail]) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        with_write_conn!(self, c => c.write_tx(|c| {
+            let now = now(c);
+            for d in done {
+                diesel::insert_into(job_attempts::table)
+                    .values((
+                        job_attempts::job_id.eq(d.job_id),
+                        job_attempts::attempt.eq(d.attempt),
+                        job_attempts::worker.eq(&d.worker),
+                        job_attempts::started_at.eq(d.started_at),
+                        job_attempts::finished_at.eq(now.clone()),
+                        job_attempts::outcome.eq(AttemptOutcome::Completed),
+                        job_attempts::detail.eq(cap_error(&d.detail)),
+                    ))
+                    .execute(c)?;
+            }
+            Ok(())
+        }))
     }
 
     /// Gives running jobs back to the queue without counting their attempt
@@ -791,6 +868,7 @@ impl Store {
                 finished_at,
                 outcome: AttemptOutcome::Completed,
                 error: None,
+                detail: None,
             });
         }
         Ok(attempts)

@@ -98,7 +98,9 @@ pub use alerts::{AlertState, Email, FailureContext, Metric, OutboxRow, Scope};
 pub use bench::{BASELINE_CLAIM, BASELINE_INSERT};
 pub use coord::{LeaderTerm, Overdue, PruneReport, Retention, WorkerInfo};
 pub(crate) use jobs::NOTIFY_CHANNEL;
-pub use jobs::{BulkAction, BulkReport, DeadAction, DeadFilter, Enqueued, JobFilter, Once};
+pub use jobs::{
+    BulkAction, BulkReport, CompletedDetail, DeadAction, DeadFilter, Enqueued, JobFilter, Once,
+};
 pub use types::{
     Attempt, AttemptOutcome, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT, Failure, Job,
     JobState, Lease, NewJob, QueueCount, QueueInfo, Schedule, Transition, error_signature,

@@ -140,6 +140,9 @@ text_enum! {
         /// The worker running it stopped heartbeating (killed, crashed, cut
         /// off) and the leader rescued the job.
         Lost => "lost",
+        /// The handler asked to wait (`Snooze`) and said why
+        /// ([`crate::job::JobContext::record`]); the attempt does not count.
+        Snoozed => "snoozed",
     }
 }
 
@@ -208,6 +211,9 @@ pub struct Attempt {
     pub finished_at: i64,
     pub outcome: AttemptOutcome,
     pub error: Option<String>,
+    /// What the attempt recorded, as JSON (see
+    /// [`crate::job::JobContext::record`]).
+    pub detail: Option<String>,
 }
 
 /// The right to write a running job's outcome: its id and the lease id its
@@ -322,6 +328,8 @@ pub struct Failure {
     /// `Some(delay)`: retry after `delay`. `None`: no more attempts, the job
     /// goes to `dead`.
     pub retry_in: Option<Duration>,
+    /// What the attempt recorded, as JSON, kept with its `job_attempts` row.
+    pub detail: Option<String>,
 }
 
 /// The answer to an admin action on one job (retry, cancel, delete).

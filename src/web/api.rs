@@ -153,6 +153,10 @@ pub struct AttemptBody {
     #[schema(value_type = String, example = "error")]
     pub outcome: AttemptOutcome,
     pub error: Option<String>,
+    /// What the attempt recorded (an HTTP job's status, duration and
+    /// response excerpt; an email's SMTP reply), as JSON.
+    #[schema(value_type = Option<Object>)]
+    pub detail: Option<Value>,
 }
 
 /// A job with every attempt, oldest first.
@@ -782,6 +786,10 @@ fn attempt_body(a: Attempt) -> AttemptBody {
         duration_ms: a.finished_at - a.started_at,
         outcome: a.outcome,
         error: a.error,
+        // Stored capped: a cut-off detail comes back as a string.
+        detail: a
+            .detail
+            .map(|d| serde_json::from_str(&d).unwrap_or(Value::String(d))),
     }
 }
 

@@ -45,6 +45,9 @@ pub struct WebConfig {
     pub dashboard_users: Vec<access::DashboardUser>,
     /// Alert rules and delivery, shown on `/alerts`.
     pub alerts: Arc<crate::alerts::AlertConfig>,
+    /// Queues worked by external workers (`POST /api/workers/fetch`): any
+    /// kind may be enqueued there, and only there may external workers fetch.
+    pub external_queues: Vec<String>,
 }
 
 impl Default for WebConfig {
@@ -56,6 +59,7 @@ impl Default for WebConfig {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             dashboard_users: Vec::new(),
             alerts: Arc::default(),
+            external_queues: Vec::new(),
         }
     }
 }

@@ -823,6 +823,26 @@ pub struct AttemptView {
     pub took: String,
     pub outcome: String,
     pub error: String,
+    /// What the attempt recorded, as name and value pairs.
+    pub detail: Vec<(String, String)>,
+}
+
+/// An attempt's recorded JSON as name and value pairs: an object's fields
+/// (strings bare, the rest as JSON), anything else as one `detail` pair.
+fn detail_pairs(detail: Option<&str>) -> Vec<(String, String)> {
+    let Some(text) = detail else {
+        return Vec::new();
+    };
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(fields)) => fields
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                v => (k, v.to_string()),
+            })
+            .collect(),
+        _ => vec![("detail".to_string(), text.to_string())],
+    }
 }
 
 pub struct JobView {
@@ -878,6 +898,7 @@ fn job_page_data(state: &AppState, op: &Operator, id: i64) -> Result<JobPage, Pa
                 took: duration(a.finished_at - a.started_at),
                 outcome: a.outcome.to_string(),
                 error: a.error.clone().unwrap_or_default(),
+                detail: detail_pairs(a.detail.as_deref()),
             })
             .collect(),
         live: !s.is_final(),
