@@ -292,7 +292,10 @@ impl RunArgs {
             .collect();
         config.http.signing_secret = self.http_signing_secret.clone().filter(|s| !s.is_empty());
         config.email.smtp_url = alerts.smtp_url.clone();
-        config.email.from = self.email_from.clone().unwrap_or_else(|| alerts.from.clone());
+        config.email.from = self
+            .email_from
+            .clone()
+            .unwrap_or_else(|| alerts.from.clone());
         config
     }
 }

@@ -796,41 +796,41 @@ fn complete_loop(shared: &Shared, rx: Receiver<Finished>, stop: Receiver<()>) ->
 fn record(shared: &Shared, batch: &[Finished], report: &mut ShutdownReport) -> store::Result<()> {
     let store = &shared.store;
     let metrics = &shared.config.metrics;
-    let done: Vec<&Arc<Held>> = batch
-        .iter()
-        .filter_map(|f| match f {
-            Finished::Done(h, _) => Some(h),
-            _ => None,
-        })
-        .collect();
-    if !done.is_empty() {
-        let leases: Vec<Lease> = done.iter().map(|h| h.lease).collect();
-        let completed = store.jobs_complete(&leases)?;
+    // Plain successes in one statement; those that recorded something
+    // (HTTP and email kinds) in another, with their attempt rows.
+    let mut done: Vec<&Arc<Held>> = Vec::new();
+    let mut recorded: Vec<&Arc<Held>> = Vec::new();
+    let mut details: Vec<CompletedDetail> = Vec::new();
+    for f in batch {
+        match f {
+            Finished::Done(h, None) => done.push(h),
+            Finished::Done(h, Some(detail)) => {
+                recorded.push(h);
+                details.push(CompletedDetail {
+                    lease: h.lease,
+                    attempt: h.job.attempt,
+                    worker: shared.id.clone(),
+                    started_at: h.job.started_at.unwrap_or_default(),
+                    detail: detail.clone(),
+                });
+            }
+            _ => {}
+        }
+    }
+    for (held, completed) in [
+        (&done, {
+            let leases: Vec<Lease> = done.iter().map(|h| h.lease).collect();
+            store.jobs_complete(&leases)?
+        }),
+        (&recorded, store.jobs_complete_recorded(&details)?),
+    ] {
         report.finished += completed.len();
-        for h in &done {
+        for h in held.iter() {
             metrics.completed(&h.job.queue);
         }
-        if completed.len() < done.len() {
-            lost(shared, done.len() - completed.len(), "completion");
+        if completed.len() < held.len() {
+            lost(shared, held.len() - completed.len(), "completion");
         }
-        // What successful attempts recorded (HTTP and email kinds): rare
-        // next to plain completions, so written after them, one row each.
-        let details: Vec<CompletedDetail> = batch
-            .iter()
-            .filter_map(|f| match f {
-                Finished::Done(h, Some(detail)) if completed.contains(&h.lease.id) => {
-                    Some(CompletedDetail {
-                        job_id: h.lease.id,
-                        attempt: h.job.attempt,
-                        worker: shared.id.clone(),
-                        started_at: h.job.started_at.unwrap_or_default(),
-                        detail: detail.clone(),
-                    })
-                }
-                _ => None,
-            })
-            .collect();
-        store.attempts_record_completed(&details)?;
     }
     let mut released = Vec::new();
     for f in batch {

@@ -571,6 +571,7 @@ fn dead_letters_replay_by_filter(db: &TestDb) {
             outcome: AttemptOutcome::Error,
             error: "boom".into(),
             retry_in: None,
+            detail: None,
         };
         db.store.job_fail(job.lease(), &failure).unwrap();
         dead.push(id);
@@ -633,6 +634,7 @@ fn bury_once(db: &TestDb, queue: &str, error: &str) -> i64 {
         outcome: AttemptOutcome::Error,
         error: error.into(),
         retry_in: None,
+        detail: None,
     };
     db.store.job_fail(job.lease(), &failure).unwrap();
     id
@@ -857,6 +859,11 @@ fn the_openapi_document_validates_and_lists_every_route(db: &TestDb) {
         "POST /api/queues/{name}/pause",
         "POST /api/queues/{name}/resume",
         "GET /api/stats",
+        "POST /api/workers/fetch",
+        "POST /api/jobs/{id}/heartbeat",
+        "POST /api/jobs/{id}/complete",
+        "POST /api/jobs/{id}/fail",
+        "POST /api/jobs/{id}/snooze",
         "GET /api/openapi.json",
         "GET /healthz",
         "GET /readyz",

@@ -56,6 +56,9 @@ fn bury(db: &TestDb, job: NewJob, error: &str) -> i64 {
             outcome: AttemptOutcome::Error,
             error: error.into(),
             retry_in: None,
+            // What the attempt recorded, names and values as hostile as
+            // the error.
+            detail: Some(json!({ error: error, "response": error }).to_string()),
         };
         if j.id == id {
             db.store.job_fail(j.lease(), &failure).unwrap();

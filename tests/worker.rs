@@ -503,8 +503,70 @@ fn a_job_buffered_too_long_is_released_not_started_short_of_time(db: &TestDb) {
     }
 }
 
+/// What a handler records stays with its attempt, whatever the outcome; a
+/// snooze that says why leaves a `snoozed` row and spends no attempt; a plain
+/// success still writes no row of its own.
+fn what_an_attempt_records_is_kept_with_it(db: &TestDb) {
+    let mut registry = Registry::new();
+    registry.register_fn("noted", |args: Value, job: &errand::JobContext| {
+        job.record(json!({"status": args["status"], "said": "<b>hi</b>"}));
+        match args["status"].as_i64() {
+            Some(200) => Outcome::Done,
+            Some(429) if job.attempt == 1 && args["snoozed"].is_null() => {
+                Outcome::Snooze(Duration::from_secs(3600))
+            }
+            _ => Outcome::Dead("refused".into()),
+        }
+    });
+    registry.register_fn("plain", |_: Value, _: &errand::JobContext| Outcome::Done);
+    let done = enqueue(&db.store, NewJob::new("noted", json!({"status": 200})));
+    let dead = enqueue(&db.store, NewJob::new("noted", json!({"status": 404})));
+    let snoozed = enqueue(&db.store, NewJob::new("noted", json!({"status": 429})));
+    let plain = enqueue(&db.store, NewJob::new("plain", json!({})));
+    let worker = start(&db.store, registry, config(2));
+    wait_state(&db.store, done, JobState::Completed);
+    wait_state(&db.store, dead, JobState::Dead);
+    wait_state(&db.store, plain, JobState::Completed);
+    let snoozed_job = wait_for("the snooze to be recorded", WAIT, || {
+        let attempts = db.store.job_attempts(snoozed).unwrap();
+        (!attempts.is_empty()).then(|| db.store.job_get(snoozed).unwrap().unwrap())
+    });
+    stop(worker);
+
+    let detail = |id: i64| -> Vec<(AttemptOutcome, Option<Value>)> {
+        db.store
+            .job_attempts(id)
+            .unwrap()
+            .into_iter()
+            .map(|a| {
+                (
+                    a.outcome,
+                    a.detail.map(|d| serde_json::from_str(&d).unwrap()),
+                )
+            })
+            .collect()
+    };
+    let noted = |status: i64| Some(json!({"status": status, "said": "<b>hi</b>"}));
+    assert_eq!(detail(done), vec![(AttemptOutcome::Completed, noted(200))]);
+    assert_eq!(detail(dead), vec![(AttemptOutcome::Error, noted(404))]);
+    assert_eq!(detail(snoozed), vec![(AttemptOutcome::Snoozed, noted(429))]);
+    assert_eq!(snoozed_job.state, JobState::Queued);
+    assert_eq!(snoozed_job.attempt, 0, "a snooze spends no attempt");
+    let attempts = db.store.job_attempts(snoozed).unwrap();
+    assert_eq!(
+        attempts[0].attempt, 1,
+        "numbered as the attempt it gave back"
+    );
+    // The plain success is listed from the job row (id 0), with no detail.
+    let plain_attempts = db.store.job_attempts(plain).unwrap();
+    assert_eq!(plain_attempts.len(), 1);
+    assert_eq!(plain_attempts[0].id, 0);
+    assert_eq!(plain_attempts[0].detail, None);
+}
+
 on_both_backends!(
     every_job_runs_exactly_once_across_workers,
+    what_an_attempt_records_is_kept_with_it,
     a_job_that_keeps_failing_is_dead_after_max_attempts_and_can_be_replayed,
     bad_input_and_panics_are_recorded_while_work_goes_on,
     an_overrunning_attempt_times_out_without_costing_a_thread,

@@ -216,6 +216,55 @@ impl Store {
         })
     }
 
+    /// Registers or refreshes a worker that is not an errand process (an
+    /// external worker fetching over HTTP). Unlike [`Store::worker_register`],
+    /// a known row takes the new host, queues and concurrency too, since each
+    /// fetch may name other queues or another batch size.
+    pub fn worker_upsert(&self, info: &WorkerInfo) -> Result<()> {
+        with_conn!(self, c => {
+            let now = now(c);
+            diesel::insert_into(workers::table)
+                .values((
+                    workers::id.eq(&info.id),
+                    workers::host.eq(&info.host),
+                    workers::pid.eq(info.pid),
+                    workers::queues.eq(&info.queues),
+                    workers::concurrency.eq(info.concurrency),
+                    workers::version.eq(&info.version),
+                    workers::started_at.eq(now.clone()),
+                    workers::heartbeat_at.eq(now),
+                ))
+                .on_conflict(workers::id)
+                .do_update()
+                .set((
+                    workers::host.eq(excluded(workers::host)),
+                    workers::queues.eq(excluded(workers::queues)),
+                    workers::concurrency.eq(excluded(workers::concurrency)),
+                    workers::version.eq(excluded(workers::version)),
+                    workers::heartbeat_at.eq(excluded(workers::heartbeat_at)),
+                ))
+                .execute(c)?;
+            Ok(())
+        })
+    }
+
+    /// Refreshes the heartbeat of the worker that holds the job under
+    /// `lease` (an external worker's liveness shows through its jobs'
+    /// heartbeats). False when no registered worker holds it.
+    pub fn worker_heartbeat_holder(&self, lease: Lease) -> Result<bool> {
+        with_conn!(self, c => {
+            let now = now(c);
+            let holder = jobs::table
+                .filter(jobs::id.eq(lease.id))
+                .filter(jobs::lease_id.eq(lease.lease_id))
+                .select(jobs::locked_by);
+            let n = diesel::update(workers::table.filter(workers::id.nullable().eq_any(holder)))
+                .set(workers::heartbeat_at.eq(now))
+                .execute(c)?;
+            Ok(n > 0)
+        })
+    }
+
     pub fn worker_deregister(&self, id: &str) -> Result<()> {
         with_conn!(self, c => {
             diesel::delete(workers::table.find(id)).execute(c)?;

@@ -31,10 +31,10 @@ const MAX_ERROR_BYTES: usize = 16 * 1024;
 /// The states in which a job is not finished (and holds its unique key).
 const UNFINISHED: [JobState; 3] = [JobState::Queued, JobState::Running, JobState::Retrying];
 
-/// A successful attempt's record, for [`Store::attempts_record_completed`].
+/// A successful attempt's record, for [`Store::jobs_complete_recorded`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompletedDetail {
-    pub job_id: i64,
+    pub lease: Lease,
     pub attempt: i32,
     pub worker: String,
     pub started_at: i64,
@@ -567,20 +567,22 @@ impl Store {
         }))
     }
 
-    /// Keeps what successful attempts recorded: one `completed` attempt row
-    /// per `(job, attempt, worker, started_at, detail)`, written after the
-    /// batch completion (jobs without a detail keep no row; see
-    /// [`Store::jobs_complete`]).
-    pub fn attempts_record_completed(&self, done: &[CompletedDetail]) -> Result<()> {
+    /// [`Store::jobs_complete`] for attempts that recorded something: in
+    /// the same transaction, each completed job gets a `completed` attempt
+    /// row holding its detail, so the detail is there as soon as the job
+    /// shows completed. Returns the ids completed.
+    pub fn jobs_complete_recorded(&self, done: &[CompletedDetail]) -> Result<Vec<i64>> {
         if done.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let leases: Vec<Lease> = done.iter().map(|d| d.lease).collect();
         with_write_conn!(self, c => c.write_tx(|c| {
+            let completed = c.complete(&leases)?;
             let now = now(c);
-            for d in done {
+            for d in done.iter().filter(|d| completed.contains(&d.lease.id)) {
                 diesel::insert_into(job_attempts::table)
                     .values((
-                        job_attempts::job_id.eq(d.job_id),
+                        job_attempts::job_id.eq(d.lease.id),
                         job_attempts::attempt.eq(d.attempt),
                         job_attempts::worker.eq(&d.worker),
                         job_attempts::started_at.eq(d.started_at),
@@ -590,7 +592,7 @@ impl Store {
                     ))
                     .execute(c)?;
             }
-            Ok(())
+            Ok(completed)
         }))
     }
 

@@ -41,7 +41,7 @@ pub struct ErrorBody {
     /// Machine-readable: `malformed_json`, `unsupported_media_type`,
     /// `payload_too_large`, `too_deep`, `invalid_field`, `unknown_kind`,
     /// `idempotency_key_reused`, `unauthorized`, `not_found`, `conflict`,
-    /// `unavailable`, `no_route`, `method_not_allowed`, `bad_request`, `internal`.
+    /// `lease_lost`, `unavailable`, `no_route`, `method_not_allowed`, `bad_request`, `internal`.
     pub error: String,
     /// For a person: what went wrong and what to do.
     pub message: String,
@@ -54,7 +54,8 @@ pub struct EnqueueRequest {
     /// Queue name (letters, digits, `_ . : -`; at most 100). Default `default`.
     #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,100}$")]
     queue: Option<String>,
-    /// A job kind this server knows (same characters as queue names).
+    /// A job kind this server knows (same characters as queue names); on a
+    /// queue named by `--external-queues`, any kind.
     #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,100}$")]
     kind: String,
     /// The arguments, any JSON. Default `{}`.
@@ -291,7 +292,9 @@ pub struct StatsBody {
     ),
     paths(
         enqueue, enqueue_batch, list_jobs, get_job, retry_job, cancel_job, delete_job,
-        bulk_jobs, replay_dead, purge_dead, list_queues, pause_queue, resume_queue, stats, healthz_doc, readyz_doc,
+        bulk_jobs, replay_dead, purge_dead, list_queues, pause_queue, resume_queue, stats,
+        super::workers::fetch, super::workers::heartbeat, super::workers::complete,
+        super::workers::fail, super::workers::snooze, healthz_doc, readyz_doc,
         metrics_doc, openapi_doc
     ),
     components(schemas(ErrorBody)),
@@ -299,6 +302,9 @@ pub struct StatsBody {
     tags(
         (name = "jobs", description = "Enqueue, read and act on jobs"),
         (name = "queues", description = "Queues and totals"),
+        (name = "external workers", description = "Workers in any language, over HTTP: fetch jobs \
+            from the queues named by `--external-queues` with a lease, heartbeat them, and report \
+            how they ended. A stale lease is refused with 409 and changes nothing"),
         (name = "operations", description = "Probes, metrics and this document")
     )
 )]
@@ -629,7 +635,7 @@ fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiErro
 }
 
 /// Checks a queue or kind name.
-fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && name
@@ -653,11 +659,19 @@ fn new_job(state: &AppState, r: EnqueueRequest, at: &str) -> Result<NewJob, ApiE
         .unwrap_or_else(|| crate::store::DEFAULT_QUEUE.to_string());
     check_name(&field("queue"), &queue)?;
     check_name(&field("kind"), &r.kind)?;
-    if !state.registry.contains(&r.kind) {
+    // An external queue takes any kind: its workers, not this process, know
+    // what they run.
+    let external = state.config.external_queues.contains(&queue);
+    if !external && !state.registry.contains(&r.kind) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "unknown_kind",
-            format!("{}: {}", field("kind"), state.registry.unknown(&r.kind)),
+            format!(
+                "{}: {}; to hand other kinds to external workers, enqueue them on a queue \
+                 named by --external-queues (ERRAND_EXTERNAL_QUEUES)",
+                field("kind"),
+                state.registry.unknown(&r.kind)
+            ),
         ));
     }
     let mut job = match r.args {
@@ -729,6 +743,13 @@ fn new_job(state: &AppState, r: EnqueueRequest, at: &str) -> Result<NewJob, ApiE
         }
         job = job.unique_key(key);
     }
+    if external && !state.registry.contains(&job.kind) {
+        job.max_attempts = job
+            .max_attempts
+            .or(Some(crate::store::DEFAULT_MAX_ATTEMPTS));
+        job.timeout = job.timeout.or(Some(crate::store::DEFAULT_TIMEOUT));
+        return Ok(job);
+    }
     state.registry.prepare(job).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -742,7 +763,7 @@ fn new_job(state: &AppState, r: EnqueueRequest, at: &str) -> Result<NewJob, ApiE
 // Read
 // ---------------------------------------------------------------------------
 
-fn time(ms: i64) -> String {
+pub(crate) fn time(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(SecondsFormat::Millis, true)

@@ -9,6 +9,7 @@
 pub mod access;
 pub mod api;
 pub mod pages;
+pub mod workers;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -525,7 +526,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(
             web::scope("/api")
                 .wrap(from_fn(require_token))
-                .configure(api::routes),
+                .configure(api::routes)
+                .configure(workers::routes),
         )
         .configure(pages::static_routes)
         .service(

@@ -1561,6 +1561,9 @@ pub struct WorkerView {
     pub heartbeat: When,
     /// Silent for over a minute: probably gone, soon rescued.
     pub stale: bool,
+    /// A worker fetching over HTTP (`POST /api/workers/fetch`), not an
+    /// errand process.
+    pub external: bool,
     pub jobs: Vec<RunningJob>,
 }
 
@@ -1607,6 +1610,8 @@ async fn workers(
                 .map(|w| WorkerView {
                     jobs: by_worker.remove(&w.id).unwrap_or_default(),
                     stale: now - w.heartbeat_at > 60_000,
+                    external: w.version == super::workers::EXTERNAL_VERSION
+                        && w.id.starts_with(super::workers::EXTERNAL_PREFIX),
                     started: when(w.started_at, now),
                     heartbeat: when(w.heartbeat_at, now),
                     id: w.id,

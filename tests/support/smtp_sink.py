@@ -2,7 +2,9 @@
 python3-aiosmtpd). Prints one JSON line per message it accepts on stdout.
 
 Recipients containing "reject" are refused with 550 (permanent), those
-containing "busy" with 451 (transient); everything else is accepted.
+containing "busy" with 451 (transient); everything else is accepted. Each
+line holds the envelope ("from", "to"), the subject, the text and HTML bodies,
+and the From, Cc, Reply-To and Bcc headers ("" when absent).
 
 Usage: /usr/bin/python3 smtp_sink.py PORT
 """
@@ -33,6 +35,10 @@ class Sink:
             "subject": str(message["subject"]),
             "text": part("plain").get_content() if part("plain") else "",
             "html": part("html").get_content() if part("html") else "",
+            "header_from": str(message["from"] or ""),
+            "cc": str(message["cc"] or ""),
+            "reply_to": str(message["reply-to"] or ""),
+            "bcc_header": str(message["bcc"] or ""),
         }), flush=True)
         return "250 Message accepted for delivery"
 
