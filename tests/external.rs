@@ -433,12 +433,35 @@ fn a_fetch_abandoned_by_its_client_claims_nothing(db: &TestDb) {
             .find(|w| w.id == "ext:quitter")
     });
     drop(stream); // the worker goes away mid-wait
-    // The server's next probe write (every 200 ms) finds it gone.
+    // Not a wait for a state: the grace the server has to notice, a few of
+    // its probe writes (every 200 ms); a job enqueued sooner could still be
+    // claimed for nobody, and would then be rescued.
     std::thread::sleep(Duration::from_millis(600));
+    // A live worker waiting beside it gets the next job: the abandoned fetch
+    // did not take it (it would have had it first: it waited longer).
+    let live = {
+        let http = server.http();
+        std::thread::spawn(move || {
+            fetch(
+                &http,
+                "stayer",
+                json!({"queues": ["external"], "wait_ms": 10_000}),
+            )
+        })
+    };
+    wait_for("the live fetch to be waiting", WAIT, || {
+        db.store
+            .workers_list()
+            .unwrap()
+            .into_iter()
+            .find(|w| w.id == "ext:stayer")
+    });
     let id = enqueue(&http, "external", "orphan", json!({}));
-    std::thread::sleep(Duration::from_millis(1500));
+    let got = live.join().unwrap();
+    assert_eq!(got.len(), 1, "the live worker got nothing: {got:?}");
+    assert_eq!(got[0]["id"], id);
     let job = db.store.job_get(id).unwrap().unwrap();
-    assert_eq!(job.state, JobState::Queued, "claimed for nobody: {job:?}");
+    assert_eq!(job.locked_by.as_deref(), Some("ext:stayer"), "{job:?}");
 }
 
 // ---------------------------------------------------------------------------

@@ -420,7 +420,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut claimed = with_write_conn!(self, c => c.claim(queue, worker, limit)?);
+        let mut claimed = with_hot_conn!(self, c => c.claim(queue, worker, limit)?);
         claimed.sort_by_key(|j| (j.priority, j.run_at, j.id));
         Ok(claimed)
     }
@@ -432,7 +432,7 @@ impl Store {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        with_write_conn!(self, c => c.heartbeat(leases))
+        with_hot_conn!(self, c => c.heartbeat(leases))
     }
 
     /// Marks the jobs under `leases` completed, in one statement. Returns the
@@ -445,7 +445,7 @@ impl Store {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        with_write_conn!(self, c => c.complete(leases))
+        with_hot_conn!(self, c => c.complete(leases))
     }
 
     /// Records a failed attempt: the job goes to `retrying` (claimable after
@@ -576,7 +576,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let leases: Vec<Lease> = done.iter().map(|d| d.lease).collect();
-        with_write_conn!(self, c => c.write_tx(|c| {
+        with_hot_conn!(self, c => c.write_tx(|c| {
             let completed = c.complete(&leases)?;
             let now = now(c);
             for d in done.iter().filter(|d| completed.contains(&d.lease.id)) {

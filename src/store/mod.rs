@@ -74,6 +74,22 @@ macro_rules! with_write_conn {
     };
 }
 
+/// [`with_write_conn!`] for the workers' own bookkeeping (claims,
+/// heartbeats, completions): on PostgreSQL a connection that commits without
+/// waiting for the WAL flush (see `Store::hot`).
+macro_rules! with_hot_conn {
+    ($store:expr, $c:ident => $body:expr) => {
+        match &$store.pool {
+            $crate::store::Pool::Postgres(_) => {
+                let mut conn = $store.hot.as_ref().expect("a PostgreSQL store has a hot pool").get()?;
+                let $c: &mut ::diesel::PgConnection = &mut conn;
+                $body
+            }
+            $crate::store::Pool::Sqlite(_) => with_write_conn!($store, $c => $body),
+        }
+    };
+}
+
 mod admin;
 mod alerts;
 mod bench;
@@ -197,6 +213,14 @@ enum Pool {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// PostgreSQL: connections with `synchronous_commit = off`, for what the
+    /// workers write about jobs they hold (claims, heartbeats, completions).
+    /// A crash of the database may forget the last few of those, never an
+    /// enqueue: a forgotten claim or completion leaves the job to run again
+    /// (at least once, as after a worker crash). What is forgotten then is
+    /// only what was not yet flushed; nothing is torn. Enqueues, failures and
+    /// every operator action commit synchronously on `pool`.
+    hot: Option<R2d2Pool<ConnectionManager<PgConnection>>>,
     url: String,
     wake: Arc<Wake>,
     /// SQLite: held while writing on the hot path (see [`with_write_conn!`]).
@@ -292,6 +316,17 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqlitePragma
     }
 }
 
+/// `synchronous_commit = off` on every connection of [`Store::hot`].
+#[derive(Debug)]
+struct AsyncCommit;
+
+impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for AsyncCommit {
+    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute("SET synchronous_commit = off")
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
 fn pool_builder<M: diesel::r2d2::ManageConnection>(options: &StoreOptions) -> r2d2::Builder<M> {
     R2d2Pool::builder()
         .max_size(options.pool_size.max(1))
@@ -357,10 +392,19 @@ impl Store {
     /// Connects to the database named by `url` (see [`parse_url`]). A SQLite
     /// file is created if missing. Does not migrate: call [`Store::migrate`].
     pub fn open(url: &str, options: &StoreOptions) -> Result<Store> {
+        let mut hot = None;
         let pool = match parse_url(url)? {
             Location::Postgres(url) => {
-                let manager = ConnectionManager::<PgConnection>::new(url);
-                Pool::Postgres(pool_builder(options).build(manager)?)
+                let manager = ConnectionManager::<PgConnection>::new(url.clone());
+                let pool = pool_builder(options).build(manager)?;
+                // Opened when a worker first needs one.
+                hot = Some(
+                    pool_builder(options)
+                        .min_idle(Some(0))
+                        .connection_customizer(Box::new(AsyncCommit))
+                        .build(ConnectionManager::<PgConnection>::new(url))?,
+                );
+                Pool::Postgres(pool)
             }
             Location::SqliteFile(path) => {
                 let manager = ConnectionManager::<SqliteConnection>::new(path);
@@ -376,6 +420,7 @@ impl Store {
         };
         Ok(Store {
             pool,
+            hot,
             url: url.to_string(),
             wake: Arc::new(Wake::new()),
             writer: Arc::default(),
