@@ -220,5 +220,6 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
     print(f"| pickup, enqueue → handler start, idle queue | {backend} | p50 {pk50:.2f} ms, p99 {pk99:.2f} ms | | | {ptarget} |")
     idle, peak = med([r["idle_rss_mb"] for r in rs]), max(r["peak_rss_mb"] for r in rs)
     print(f"| RSS of errand serve, idle / peak while draining | {backend} | {idle:.1f} MB / {peak:.1f} MB | | | ≤ 30 / ≤ 100 MB |")
-print(f"\n{len(rows)} rounds in all; medians (peak RSS: the highest).")
+backends = len({r["backend"] for r in rows})
+print(f"\n{len(rows) // max(1, backends)} rounds per backend; medians (peak RSS: the highest).")
 EOF
