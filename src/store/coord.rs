@@ -180,47 +180,11 @@ impl Store {
             .optional()?))
     }
 
-    /// Registers a worker process (its `started_at` and `heartbeat_at` are
-    /// set to now, whatever `info` says).
+    /// Registers a worker (its `started_at` and `heartbeat_at` are set to
+    /// now, whatever `info` says), or refreshes a registered one: a known row
+    /// keeps its `started_at` and takes the rest (an external worker's fetch
+    /// may name other queues or another batch size).
     pub fn worker_register(&self, info: &WorkerInfo) -> Result<()> {
-        with_conn!(self, c => {
-            let now = now(c);
-            diesel::insert_into(workers::table)
-                .values((
-                    workers::id.eq(&info.id),
-                    workers::host.eq(&info.host),
-                    workers::pid.eq(info.pid),
-                    workers::queues.eq(&info.queues),
-                    workers::concurrency.eq(info.concurrency),
-                    workers::version.eq(&info.version),
-                    workers::started_at.eq(now.clone()),
-                    workers::heartbeat_at.eq(now),
-                ))
-                .on_conflict(workers::id)
-                .do_update()
-                .set(workers::heartbeat_at.eq(excluded(workers::heartbeat_at)))
-                .execute(c)?;
-            Ok(())
-        })
-    }
-
-    /// Refreshes a worker's heartbeat. False when its row is gone (pruned as
-    /// stale): register again.
-    pub fn worker_heartbeat(&self, id: &str) -> Result<bool> {
-        with_conn!(self, c => {
-            let now = now(c);
-            let n = diesel::update(workers::table.find(id))
-                .set(workers::heartbeat_at.eq(now))
-                .execute(c)?;
-            Ok(n == 1)
-        })
-    }
-
-    /// Registers or refreshes a worker that is not an errand process (an
-    /// external worker fetching over HTTP). Unlike [`Store::worker_register`],
-    /// a known row takes the new host, queues and concurrency too, since each
-    /// fetch may name other queues or another batch size.
-    pub fn worker_upsert(&self, info: &WorkerInfo) -> Result<()> {
         with_conn!(self, c => {
             let now = now(c);
             diesel::insert_into(workers::table)
@@ -245,6 +209,18 @@ impl Store {
                 ))
                 .execute(c)?;
             Ok(())
+        })
+    }
+
+    /// Refreshes a worker's heartbeat. False when its row is gone (pruned as
+    /// stale): register again.
+    pub fn worker_heartbeat(&self, id: &str) -> Result<bool> {
+        with_conn!(self, c => {
+            let now = now(c);
+            let n = diesel::update(workers::table.find(id))
+                .set(workers::heartbeat_at.eq(now))
+                .execute(c)?;
+            Ok(n == 1)
         })
     }
 

@@ -352,7 +352,7 @@ impl LongPoll {
         );
         let jobs = blocking(move || {
             if refresh {
-                store.worker_upsert(&info)?;
+                store.worker_register(&info)?;
             }
             Ok(claim(&store, &queues, &info.id, max)?)
         })
