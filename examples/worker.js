@@ -15,8 +15,8 @@
 //     ERRAND_TOKEN      its API token, if it has one
 //     ERRAND_QUEUES     queues to work, comma-separated (default "external")
 //     ERRAND_WORKER     this worker's name (default host-pid)
-//     ERRAND_HEARTBEAT  seconds between heartbeats (default 5; keep it well
-//                       under the server's --stale-after, 60 s by default)
+//     ERRAND_HEARTBEAT  seconds between heartbeats (default: what the server
+//                       says with each job, its --heartbeat-interval)
 //
 // Each job is fetched with a lease (long-polling while none is ready), run by
 // the handler of its kind while a timer heartbeats it, and reported with
@@ -33,7 +33,7 @@ const URL = (process.env.ERRAND_URL || 'http://127.0.0.1:8080').replace(/\/+$/, 
 const TOKEN = process.env.ERRAND_TOKEN;
 const QUEUES = (process.env.ERRAND_QUEUES || 'external').split(',').map((q) => q.trim()).filter(Boolean);
 const WORKER = process.env.ERRAND_WORKER || `${os.hostname()}-${process.pid}`;
-const HEARTBEAT = Number(process.env.ERRAND_HEARTBEAT || '5');
+const HEARTBEAT = process.env.ERRAND_HEARTBEAT;
 
 /** An error that retrying cannot fix: the job goes to dead at once. */
 class Permanent extends Error {}
@@ -64,7 +64,7 @@ async function run(job) {
       const [status, answer] = await call(`/api/jobs/${job.id}/heartbeat`, { lease_id: job.lease_id });
       if (status === 409 || answer.cancel_requested) job.cancelled = true; // the handler may stop early
     } catch { /* the server is briefly unreachable: try again next beat */ }
-  }, HEARTBEAT * 1000);
+  }, HEARTBEAT ? Number(HEARTBEAT) * 1000 : job.heartbeat_ms);
   let path, body;
   try {
     const handler = HANDLERS[job.kind];

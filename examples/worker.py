@@ -15,8 +15,8 @@ Settings, from the environment:
     ERRAND_TOKEN      its API token, if it has one
     ERRAND_QUEUES     queues to work, comma-separated (default "external")
     ERRAND_WORKER     this worker's name (default host-pid)
-    ERRAND_HEARTBEAT  seconds between heartbeats (default 5; keep it well
-                      under the server's --stale-after, 60 s by default)
+    ERRAND_HEARTBEAT  seconds between heartbeats (default: what the server
+                      says with each job, its --heartbeat-interval)
 
 Each job is fetched with a lease (long-polling while none is ready), run by
 the handler of its kind while a thread heartbeats it, and reported with
@@ -33,7 +33,7 @@ URL = os.environ.get("ERRAND_URL", "http://127.0.0.1:8080").rstrip("/")
 TOKEN = os.environ.get("ERRAND_TOKEN")
 QUEUES = [q.strip() for q in os.environ.get("ERRAND_QUEUES", "external").split(",") if q.strip()]
 WORKER = os.environ.get("ERRAND_WORKER") or f"{socket.gethostname()}-{os.getpid()}"
-HEARTBEAT = float(os.environ.get("ERRAND_HEARTBEAT", "5"))
+HEARTBEAT = os.environ.get("ERRAND_HEARTBEAT")
 
 
 class Permanent(Exception):
@@ -72,7 +72,8 @@ def call(path, body, timeout=90):
 
 
 def heartbeat(job, stop):
-    while not stop.wait(HEARTBEAT):
+    every = float(HEARTBEAT) if HEARTBEAT else job["heartbeat_ms"] / 1000
+    while not stop.wait(every):
         try:
             status, answer = call(f"/api/jobs/{job['id']}/heartbeat", {"lease_id": job["lease_id"]})
         except OSError:

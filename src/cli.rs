@@ -541,6 +541,11 @@ fn serve(store: Store, registry: Registry, args: ServeArgs) -> Result<(), CliErr
         dashboard_users: args.dashboard_users.clone(),
         alerts: Arc::default(),
         external_queues: args.run.external_queues(),
+        heartbeat_interval: args.run.heartbeat_interval,
+        retry_backoff: args
+            .run
+            .retry_delay
+            .map_or(Backoff::Exponential, Backoff::Fixed),
     };
     // Bind before starting workers, so that a taken port fails fast.
     let listener = TcpListener::bind(&args.bind).map_err(|e| {

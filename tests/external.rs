@@ -128,6 +128,7 @@ fn an_external_worker_fetches_heartbeats_and_completes(db: &TestDb) {
     assert_eq!(fetched["attempt"], 1);
     assert_eq!(fetched["max_attempts"], 25);
     assert!(fetched["deadline"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(fetched["heartbeat_ms"], 15_000, "the server's heartbeat interval");
     let lease = fetched["lease_id"].as_i64().unwrap();
     let running = job(&http, id);
     assert_eq!(running["state"], "running");
@@ -605,7 +606,8 @@ fn example(which: Example, base: &str, name: &str) -> Proc {
         .env("ERRAND_URL", base)
         .env("ERRAND_QUEUES", "external")
         .env("ERRAND_WORKER", name)
-        .env("ERRAND_HEARTBEAT", "0.2")
+        // Heartbeats as often as each job says: the server's 200 ms.
+        .env_remove("ERRAND_HEARTBEAT")
         .env_remove("ERRAND_TOKEN");
     let worker = Proc::spawn(cmd, &format!("the {which:?} example worker"));
     worker.line(&format!("worker {name} fetching"));

@@ -49,6 +49,13 @@ pub struct WebConfig {
     /// Queues worked by external workers (`POST /api/workers/fetch`): any
     /// kind may be enqueued there, and only there may external workers fetch.
     pub external_queues: Vec<String>,
+    /// How often external workers are told to heartbeat (the workers'
+    /// `--heartbeat-interval`). Default 15 s.
+    pub heartbeat_interval: Duration,
+    /// Delay before retrying an external worker's failed job of a kind this
+    /// process does not know (`--retry-delay`). Default the exponential
+    /// backoff.
+    pub retry_backoff: crate::job::Backoff,
 }
 
 impl Default for WebConfig {
@@ -61,6 +68,8 @@ impl Default for WebConfig {
             dashboard_users: Vec::new(),
             alerts: Arc::default(),
             external_queues: Vec::new(),
+            heartbeat_interval: Duration::from_secs(15),
+            retry_backoff: crate::job::Backoff::Exponential,
         }
     }
 }

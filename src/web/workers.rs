@@ -26,7 +26,6 @@ use utoipa::ToSchema;
 
 use super::api::{ErrorBody, check_name, time};
 use super::{ApiError, AppState, blocking, parse_json, read_json_body};
-use crate::job::Backoff;
 use crate::store::{
     AttemptOutcome, CompletedDetail, Failure, Job, JobState, Lease, Store, WorkerInfo,
 };
@@ -98,6 +97,9 @@ pub struct FetchedJob {
     /// When this attempt times out (RFC 3339): after it the job is taken
     /// back, whatever the heartbeats.
     pub deadline: String,
+    /// Heartbeat this often while working on it (the server's
+    /// `--heartbeat-interval`); a job silent for `--stale-after` is rescued.
+    pub heartbeat_ms: u64,
 }
 
 /// The jobs claimed: empty when none became ready within `wait_ms`.
@@ -292,10 +294,12 @@ pub(crate) async fn fetch(
         claimed_at: Instant::now(),
         refreshed_at: Instant::now(),
     };
+    let heartbeat_ms =
+        u64::try_from(state.config.heartbeat_interval.as_millis()).unwrap_or(u64::MAX);
     let jobs = poll.claim(true).await?;
     if !jobs.is_empty() || wait_ms == 0 {
         return Ok(HttpResponse::Ok().json(FetchBody {
-            jobs: jobs.into_iter().map(fetched).collect(),
+            jobs: jobs.into_iter().map(|j| fetched(j, heartbeat_ms)).collect(),
         }));
     }
     // Nothing ready: wait, answering with a streamed body. While it waits,
@@ -304,12 +308,12 @@ pub(crate) async fn fetch(
     // fails, the server drops this stream, and no job is claimed for it.
     // (actix-web keeps a handler running after its client disconnects; a
     // write is how it finds out.)
-    let body = futures_util::stream::unfold(Some(poll), |poll| async move {
+    let body = futures_util::stream::unfold(Some(poll), move |poll| async move {
         let mut poll = poll?;
         let chunk = match poll.step().await {
             None => return Some((Ok(web::Bytes::from_static(b" ")), Some(poll))),
             Some(jobs) => serde_json::to_vec(&FetchBody {
-                jobs: jobs.into_iter().map(fetched).collect(),
+                jobs: jobs.into_iter().map(|j| fetched(j, heartbeat_ms)).collect(),
             })
             .expect("the fetch answer serializes"),
         };
@@ -435,7 +439,7 @@ fn wait_any(wake: &Wake, queues: &[String], seen: &[Seen], timeout: Duration) ->
     }
 }
 
-fn fetched(job: Job) -> FetchedJob {
+fn fetched(job: Job, heartbeat_ms: u64) -> FetchedJob {
     let args = RawValue::from_string(job.args)
         .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null"));
     FetchedJob {
@@ -448,6 +452,7 @@ fn fetched(job: Job) -> FetchedJob {
         max_attempts: job.max_attempts,
         timeout_ms: job.timeout_ms,
         deadline: time(job.deadline_at.unwrap_or_default()),
+        heartbeat_ms,
     }
 }
 
@@ -615,13 +620,14 @@ pub(crate) async fn fail(
     };
     let store = state.store.clone();
     let registry = state.registry.clone();
+    let retry_backoff = state.config.retry_backoff;
     let (queue, new_state) = blocking(move || {
         let job = held(&store, lease)?;
         let retry = r.retry.unwrap_or(true) && job.attempt < job.max_attempts;
         let backoff = registry
             .options(&job.kind)
             .and_then(|o| o.backoff)
-            .unwrap_or(Backoff::Exponential);
+            .unwrap_or(retry_backoff);
         let failure = Failure {
             outcome: AttemptOutcome::Error,
             error: r.error,
