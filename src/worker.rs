@@ -192,6 +192,10 @@ impl Finished {
     }
 }
 
+/// Snoozes with a recorded reason one attempt may take; the last counts as
+/// a failed attempt (see `record`).
+pub const MAX_SNOOZES: i64 = 20;
+
 /// How much work, at the recent pace, a queue's local buffer holds.
 pub const BUFFER_WINDOW: Duration = Duration::from_millis(50);
 
@@ -843,6 +847,32 @@ fn record(shared: &Shared, batch: &[Finished], report: &mut ShutdownReport) -> s
                 }
                 None => lost(shared, 1, "failure"),
             },
+            // A snooze that says why (an HTTP 429) is kept as a row; one
+            // asked for again and again (a receiver that always answers
+            // 429) would loop forever and pile up rows: the last of
+            // `MAX_SNOOZES` spends the attempt instead.
+            Finished::Snoozed(h, _, Some(detail))
+                if store.attempt_snoozes(h.lease.id, h.job.attempt)? + 1 >= MAX_SNOOZES =>
+            {
+                let mut failure = failure(
+                    shared,
+                    &h.job,
+                    AttemptOutcome::Error,
+                    format!(
+                        "asked to wait {MAX_SNOOZES} times in a row on attempt {}: counted as \
+                         a failed attempt (the target keeps refusing: see the snoozed attempts)",
+                        h.job.attempt
+                    ),
+                );
+                failure.detail = Some(detail.clone());
+                match store.job_fail(h.lease, &failure)? {
+                    Some(state) => {
+                        report.finished += 1;
+                        metrics.failed(&h.job.queue, state == JobState::Dead);
+                    }
+                    None => lost(shared, 1, "failure"),
+                }
+            }
             Finished::Snoozed(h, delay, detail) => {
                 if !store.job_snooze_recorded(h.lease, *delay, detail.as_deref())? {
                     lost(shared, 1, "snooze");

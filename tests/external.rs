@@ -128,7 +128,10 @@ fn an_external_worker_fetches_heartbeats_and_completes(db: &TestDb) {
     assert_eq!(fetched["attempt"], 1);
     assert_eq!(fetched["max_attempts"], 25);
     assert!(fetched["deadline"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(fetched["heartbeat_ms"], 15_000, "the server's heartbeat interval");
+    assert_eq!(
+        fetched["heartbeat_ms"], 15_000,
+        "the server's heartbeat interval"
+    );
     let lease = fetched["lease_id"].as_i64().unwrap();
     let running = job(&http, id);
     assert_eq!(running["state"], "running");

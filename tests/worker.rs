@@ -564,8 +564,44 @@ fn what_an_attempt_records_is_kept_with_it(db: &TestDb) {
     assert_eq!(plain_attempts[0].detail, None);
 }
 
+/// A handler that says why it snoozes and snoozes forever (a receiver that
+/// always answers 429) cannot loop without end: the last of `MAX_SNOOZES`
+/// spends the attempt.
+fn endless_recorded_snoozes_end_up_spending_the_attempt(db: &TestDb) {
+    let mut registry = Registry::new();
+    registry.register_fn("pushy", |_: Value, job: &errand::JobContext| {
+        job.record(json!({"status": 429}));
+        Outcome::Snooze(Duration::ZERO)
+    });
+    let id = enqueue(&db.store, NewJob::new("pushy", json!({})).max_attempts(1));
+    let worker = start(&db.store, registry, config(1));
+    let job = wait_state(&db.store, id, JobState::Dead);
+    stop(worker);
+    let attempts = db.store.job_attempts(id).unwrap();
+    let snoozed = attempts
+        .iter()
+        .filter(|a| a.outcome == AttemptOutcome::Snoozed)
+        .count();
+    assert_eq!(
+        snoozed as i64,
+        errand::worker::MAX_SNOOZES - 1,
+        "{attempts:?}"
+    );
+    let last = attempts.last().unwrap();
+    assert_eq!(last.outcome, AttemptOutcome::Error);
+    assert_eq!(last.detail.as_deref(), Some(r#"{"status":429}"#));
+    assert!(
+        job.last_error
+            .unwrap()
+            .contains("asked to wait 20 times in a row"),
+        "the error says why"
+    );
+    assert!(attempts.iter().all(|a| a.attempt == 1));
+}
+
 on_both_backends!(
     every_job_runs_exactly_once_across_workers,
+    endless_recorded_snoozes_end_up_spending_the_attempt,
     what_an_attempt_records_is_kept_with_it,
     a_job_that_keeps_failing_is_dead_after_max_attempts_and_can_be_replayed,
     bad_input_and_panics_are_recorded_while_work_goes_on,

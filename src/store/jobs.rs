@@ -524,6 +524,16 @@ impl Store {
         self.job_snooze_recorded(lease, delay, None)
     }
 
+    /// How many `snoozed` rows attempt number `attempt` of job `id` has.
+    pub fn attempt_snoozes(&self, id: i64, attempt: i32) -> Result<i64> {
+        with_conn!(self, c => Ok(job_attempts::table
+            .filter(job_attempts::job_id.eq(id))
+            .filter(job_attempts::attempt.eq(attempt))
+            .filter(job_attempts::outcome.eq(AttemptOutcome::Snoozed))
+            .count()
+            .get_result(c)?))
+    }
+
     /// [`Store::job_snooze`], keeping why as a `snoozed` attempt row when
     /// `detail` (JSON) is given.
     pub fn job_snooze_recorded(
