@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::smtp::Smtp;
 use common::{TestDb, wait_for};
 use errand::kinds::EmailConfig;
 use errand::shutdown::Shutdown;
@@ -22,78 +21,6 @@ use errand::{Backoff, JobState, Registry};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// The SMTP server, as a child process; what it received, decoded.
-struct Smtp {
-    child: Child,
-    port: u16,
-    received: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Smtp {
-    fn start() -> Smtp {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let python =
-            std::env::var("ERRAND_TEST_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_sink.py");
-        let mut child = Command::new(&python)
-            .args([script, &port.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().and_then(Result::ok).unwrap_or_else(|| {
-            let mut err = String::new();
-            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
-            panic!(
-                "the SMTP test server did not start: install Debian's python3-aiosmtpd \
-                 (.ci/run does), or set ERRAND_TEST_PYTHON.\n{err}"
-            )
-        });
-        assert!(first.contains("ready"), "{first}");
-        let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-        let keep = received.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                keep.lock()
-                    .unwrap()
-                    .push(serde_json::from_str(&line).unwrap());
-            }
-        });
-        Smtp {
-            child,
-            port,
-            received,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("smtp://127.0.0.1:{}", self.port)
-    }
-
-    fn emails(&self) -> Vec<Value> {
-        self.received.lock().unwrap().clone()
-    }
-
-    /// The email whose subject is `subject`, once it has arrived.
-    fn wait_email(&self, subject: &str) -> Value {
-        wait_for(&format!("an email '{subject}'"), WAIT, || {
-            self.emails().into_iter().find(|e| e["subject"] == subject)
-        })
-    }
-}
-
-impl Drop for Smtp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A worker running `email` against `smtp_url`; retries wait a minute, so
 /// a retrying job stays visible.
@@ -173,7 +100,7 @@ fn an_email_with_text_and_html_is_delivered_and_the_reply_recorded(db: &TestDb) 
             "html": "<p>Hello Alice,<br>your order is <b>on its way</b>.</p>",
         }),
     );
-    let email = smtp.wait_email("Your order 1042 has shipped");
+    let email = smtp.wait_email("Your order 1042 has shipped", WAIT);
     assert_eq!(email["to"], json!(["alice@test.example"]));
     assert_eq!(email["from"], "errand@example.com");
     assert!(
@@ -218,7 +145,7 @@ fn an_email_with_text_and_html_is_delivered_and_the_reply_recorded(db: &TestDb) 
             "text": "All good.",
         }),
     );
-    let email = smtp.wait_email("Weekly report");
+    let email = smtp.wait_email("Weekly report", WAIT);
     assert_eq!(
         email["to"],
         json!([
