@@ -5,27 +5,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use common::process::{FAST, Proc, errand_cmd};
 use common::{Http, ServerOptions, TestDb, TestServer, wait_for};
 use errand::store::{AttemptOutcome, JobState};
 use errand::web::WebConfig;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Intervals short enough for a test to watch a rescue happen.
-const FAST: &[&str] = &[
-    "--poll-interval=100ms",
-    "--heartbeat-interval=200ms",
-    "--stale-after=1s",
-    "--rescue-interval=200ms",
-    "--leader-ttl=1s",
-    "--retry-delay=0s",
-];
 
 fn server(db: &TestDb) -> TestServer {
     TestServer::start(
@@ -472,97 +462,17 @@ fn a_fetch_abandoned_by_its_client_claims_nothing(db: &TestDb) {
 // The example workers, as processes against `errand serve`
 // ---------------------------------------------------------------------------
 
-/// A child process whose output lines are collected; killed on drop.
-struct Proc {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, what: &str) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let collect = |pipe: Box<dyn Read + Send>| {
-            let lines = Arc::new(Mutex::new(Vec::new()));
-            let sink = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    sink.lock().unwrap().push(line);
-                }
-            });
-            lines
-        };
-        let stdout = collect(Box::new(child.stdout.take().unwrap()));
-        let stderr = collect(Box::new(child.stderr.take().unwrap()));
-        Proc {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn line(&self, containing: &str) -> String {
-        wait_for(&format!("an output line with '{containing}'"), WAIT, || {
-            let stdout = self.stdout.lock().unwrap();
-            let stderr = self.stderr.lock().unwrap();
-            stdout
-                .iter()
-                .chain(stderr.iter())
-                .find(|l| l.contains(containing))
-                .cloned()
-        })
-    }
-
-    fn output(&self) -> String {
-        let mut text = self.stdout.lock().unwrap().join("\n");
-        text.push_str("\n--- stderr ---\n");
-        text.push_str(&self.stderr.lock().unwrap().join("\n"));
-        text
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        wait_for("the process to exit", WAIT, || {
-            self.child.try_wait().unwrap()
-        })
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `errand serve` on a free loopback port with `external` as an external
 /// queue; its base URL.
 fn errand_serve(db: &TestDb) -> (Proc, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_errand"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("ERRAND_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("ERRAND_DATABASE_URL", &db.url)
-        .env("RUST_LOG", "info")
-        .args([
-            "serve",
-            "--bind=127.0.0.1:0",
-            "--queues=default=2",
-            "--external-queues=external",
-        ])
-        .args(FAST);
+    let mut cmd = errand_cmd(&db.url);
+    cmd.args([
+        "serve",
+        "--bind=127.0.0.1:0",
+        "--queues=default=2",
+        "--external-queues=external",
+    ])
+    .args(FAST);
     let server = Proc::spawn(cmd, "errand serve");
     let line = server.line("listening on http://");
     let address = line

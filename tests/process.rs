@@ -6,106 +6,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::process::{FAST, Proc, errand_cmd};
 use common::{TestDb, wait_for, wait_state};
 use errand::store::{AttemptOutcome, JobFilter, JobState, NewJob};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Intervals short enough for a test to watch a rescue happen.
-const FAST: &[&str] = &[
-    "--poll-interval=100ms",
-    "--heartbeat-interval=200ms",
-    "--stale-after=1s",
-    "--rescue-interval=200ms",
-    "--leader-ttl=1s",
-    "--retry-delay=0s",
-];
-
-/// A running `errand` process, killed if the test ends first.
-struct Proc {
-    child: Child,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn start(db_url: &str, args: &[&str]) -> Proc {
-        let mut cmd = errand_cmd(db_url);
-        cmd.args(args);
-        Proc::spawn(cmd)
-    }
-
-    /// Starts `cmd`, collecting its stderr lines.
-    fn spawn(mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start errand");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        Proc { child, stderr }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_line(&self, containing: &str) -> String {
-        wait_for(&format!("a log line with '{containing}'"), WAIT, || {
-            self.stderr
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(containing))
-                .cloned()
-        })
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        wait_for("the process to exit", WAIT, || {
-            self.child.try_wait().unwrap()
-        })
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn errand_cmd(db_url: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_errand"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("ERRAND_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("ERRAND_DATABASE_URL", db_url)
-        .env("RUST_LOG", "info");
-    cmd
-}
 
 fn all_final(db: &TestDb, total: usize) -> bool {
     let counts = db.store.jobs_count().unwrap();
@@ -214,8 +122,8 @@ fn two_processes_share_a_queue_without_running_a_job_twice(db: &TestDb) {
     let args = ["work", "--queues=default=4", "--poll-interval=100ms"];
     let a = Proc::start(&db.url, &args);
     let b = Proc::start(&db.url, &args);
-    a.log_line("worker started");
-    b.log_line("worker started");
+    a.line("worker started");
+    b.line("worker started");
     for chunk in jobs.chunks(100) {
         db.store.jobs_enqueue(chunk).unwrap();
     }
@@ -295,7 +203,7 @@ fn serve_answers_healthz_and_runs_what_the_cli_enqueues(db: &TestDb) {
 }
 
 fn serve_address(server: &Proc) -> String {
-    let line = server.log_line("listening on http://");
+    let line = server.line("listening on http://");
     line.rsplit("http://").next().unwrap().trim().to_string()
 }
 
@@ -316,13 +224,13 @@ fn a_job_answered_202_survives_a_sigkill_of_the_server(db: &TestDb) {
 fn serve_refuses_an_open_bind_without_a_token(db: &TestDb) {
     let mut open = Proc::start(&db.url, &["serve", "--bind=0.0.0.0:0"]);
     assert!(!open.wait_exit().success());
-    open.log_line("refusing to listen on 0.0.0.0");
+    open.line("refusing to listen on 0.0.0.0");
     let mut token_only = Proc::start(
         &db.url,
         &["serve", "--bind=0.0.0.0:0", "--api-token=s3cret"],
     );
     assert!(!token_only.wait_exit().success());
-    token_only.log_line("without dashboard users");
+    token_only.line("without dashboard users");
     let guarded = Proc::start(
         &db.url,
         &[
@@ -428,8 +336,8 @@ fn serve_with_no_options_creates_errand_db_in_the_current_directory() {
         .env("ERRAND_BIND", "127.0.0.1:0")
         .current_dir(dir.path())
         .arg("serve");
-    let mut server = Proc::spawn(cmd);
-    server.log_line("listening on http://");
+    let mut server = Proc::spawn(cmd, "errand");
+    server.line("listening on http://");
     assert!(dir.path().join("errand.db").exists());
     server.signal("-TERM");
     assert!(server.wait_exit().success());

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use diesel::{Connection, PgConnection, RunQueryDsl};
 use errand::store::{Store, StoreOptions};
 
+pub mod process;
 pub mod smtp;
 
 pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
