@@ -213,6 +213,33 @@ pub(crate) fn millis(d: Duration) -> i64 {
 }
 
 /// Cuts `error` to [`MAX_ERROR_BYTES`] on a character boundary.
+/// Writes one `job_attempts` row through `$c` (either connection type),
+/// finished now by the database clock.
+macro_rules! insert_attempt {
+    ($c:expr,
+     job: $job:expr,
+     attempt: $attempt:expr,
+     worker: $worker:expr,
+     started_at: $started_at:expr,
+     outcome: $outcome:expr,
+     error: $error:expr,
+     detail: $detail:expr $(,)?) => {{
+        let finished_at = now($c);
+        diesel::insert_into(job_attempts::table)
+            .values((
+                job_attempts::job_id.eq($job),
+                job_attempts::attempt.eq($attempt),
+                job_attempts::worker.eq($worker),
+                job_attempts::started_at.eq($started_at),
+                job_attempts::finished_at.eq(finished_at),
+                job_attempts::outcome.eq($outcome),
+                job_attempts::error.eq($error),
+                job_attempts::detail.eq($detail),
+            ))
+            .execute($c)?;
+    }};
+}
+
 fn cap_error(error: &str) -> String {
     if error.len() <= MAX_ERROR_BYTES {
         return error.to_string();
@@ -500,20 +527,16 @@ impl Store {
             let Some((state, attempt, worker, started_at)) = row else {
                 return Ok(None);
             };
-            let now = now(c);
-            diesel::insert_into(job_attempts::table)
-                .values((
-                    job_attempts::job_id.eq(lease.id),
-                    job_attempts::attempt.eq(attempt),
-                    job_attempts::worker.eq(worker.unwrap_or_default()),
-                    // A running job always has started_at (the claim sets it).
-                    job_attempts::started_at.eq(started_at.unwrap_or_default()),
-                    job_attempts::finished_at.eq(now),
-                    job_attempts::outcome.eq(failure.outcome),
-                    job_attempts::error.eq(&error),
-                    job_attempts::detail.eq(failure.detail.as_deref().map(cap_error)),
-                ))
-                .execute(c)?;
+            insert_attempt!(c,
+                job: lease.id,
+                attempt: attempt,
+                worker: worker.unwrap_or_default(),
+                // A running job always has started_at (the claim sets it).
+                started_at: started_at.unwrap_or_default(),
+                outcome: failure.outcome,
+                error: Some(&error),
+                detail: failure.detail.as_deref().map(cap_error),
+            );
             Ok(Some(state))
         }))
     }
@@ -558,20 +581,17 @@ impl Store {
                 return Ok(false);
             }
             if let (Some(detail), Some((attempt, worker, started_at))) = (detail, held) {
-                let now = now(c);
-                diesel::insert_into(job_attempts::table)
-                    .values((
-                        job_attempts::job_id.eq(lease.id),
-                        // The attempt the snooze gave back: the next claim
-                        // runs it again under the same number.
-                        job_attempts::attempt.eq(attempt),
-                        job_attempts::worker.eq(worker.unwrap_or_default()),
-                        job_attempts::started_at.eq(started_at.unwrap_or_default()),
-                        job_attempts::finished_at.eq(now),
-                        job_attempts::outcome.eq(AttemptOutcome::Snoozed),
-                        job_attempts::detail.eq(cap_error(detail)),
-                    ))
-                    .execute(c)?;
+                insert_attempt!(c,
+                    job: lease.id,
+                    // The attempt the snooze gave back: the next claim runs
+                    // it again under the same number.
+                    attempt: attempt,
+                    worker: worker.unwrap_or_default(),
+                    started_at: started_at.unwrap_or_default(),
+                    outcome: AttemptOutcome::Snoozed,
+                    error: None::<&str>,
+                    detail: Some(cap_error(detail)),
+                );
             }
             Ok(true)
         }))
@@ -588,19 +608,16 @@ impl Store {
         let leases: Vec<Lease> = done.iter().map(|d| d.lease).collect();
         with_hot_conn!(self, c => c.write_tx(|c| {
             let completed = c.complete(&leases)?;
-            let now = now(c);
             for d in done.iter().filter(|d| completed.contains(&d.lease.id)) {
-                diesel::insert_into(job_attempts::table)
-                    .values((
-                        job_attempts::job_id.eq(d.lease.id),
-                        job_attempts::attempt.eq(d.attempt),
-                        job_attempts::worker.eq(&d.worker),
-                        job_attempts::started_at.eq(d.started_at),
-                        job_attempts::finished_at.eq(now.clone()),
-                        job_attempts::outcome.eq(AttemptOutcome::Completed),
-                        job_attempts::detail.eq(cap_error(&d.detail)),
-                    ))
-                    .execute(c)?;
+                insert_attempt!(c,
+                    job: d.lease.id,
+                    attempt: d.attempt,
+                    worker: &d.worker,
+                    started_at: d.started_at,
+                    outcome: AttemptOutcome::Completed,
+                    error: None::<&str>,
+                    detail: Some(cap_error(&d.detail)),
+                );
             }
             Ok(completed)
         }))
