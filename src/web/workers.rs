@@ -481,6 +481,44 @@ fn lost_or_missing(store: &Store, id: i64) -> ApiError {
     }
 }
 
+/// A call about a held job: its body names the job's lease.
+trait LeaseCall: serde::de::DeserializeOwned {
+    fn lease_id(&self) -> i64;
+}
+
+macro_rules! lease_calls {
+    ($($t:ty),+) => {
+        $(impl LeaseCall for $t {
+            fn lease_id(&self) -> i64 {
+                self.lease_id
+            }
+        })+
+    };
+}
+
+lease_calls!(
+    HeartbeatRequest,
+    CompleteRequest,
+    FailRequest,
+    SnoozeRequest
+);
+
+/// Reads a call about job `id`: its body, and the lease it names.
+async fn lease_call<T: LeaseCall>(
+    state: &AppState,
+    req: &HttpRequest,
+    id: web::Path<i64>,
+    payload: web::Payload,
+) -> Result<(T, Lease), ApiError> {
+    let body = read_json_body(req, payload, state.config.body_limit).await?;
+    let call: T = parse_json(&body)?;
+    let lease = Lease {
+        id: id.into_inner(),
+        lease_id: call.lease_id(),
+    };
+    Ok((call, lease))
+}
+
 fn raw_text(detail: Option<Box<RawValue>>) -> Option<String> {
     detail.map(|d| String::from(Box::<str>::from(d)))
 }
@@ -506,12 +544,7 @@ pub(crate) async fn heartbeat(
     id: web::Path<i64>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_body(&req, payload, state.config.body_limit).await?;
-    let r: HeartbeatRequest = parse_json(&body)?;
-    let lease = Lease {
-        id: id.into_inner(),
-        lease_id: r.lease_id,
-    };
+    let (_, lease): (HeartbeatRequest, Lease) = lease_call(&state, &req, id, payload).await?;
     let store = state.store.clone();
     let cancel_requested = blocking(move || {
         let held = store.jobs_heartbeat(&[lease])?;
@@ -547,12 +580,7 @@ pub(crate) async fn complete(
     id: web::Path<i64>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_body(&req, payload, state.config.body_limit).await?;
-    let r: CompleteRequest = parse_json(&body)?;
-    let lease = Lease {
-        id: id.into_inner(),
-        lease_id: r.lease_id,
-    };
+    let (r, lease): (CompleteRequest, Lease) = lease_call(&state, &req, id, payload).await?;
     let detail = raw_text(r.detail);
     let store = state.store.clone();
     let queue = blocking(move || {
@@ -604,8 +632,7 @@ pub(crate) async fn fail(
     id: web::Path<i64>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_body(&req, payload, state.config.body_limit).await?;
-    let r: FailRequest = parse_json(&body)?;
+    let (r, lease): (FailRequest, Lease) = lease_call(&state, &req, id, payload).await?;
     if r.error.trim().is_empty() {
         return Err(ApiError::invalid(
             "error must say what went wrong; it is kept with the attempt",
@@ -614,10 +641,6 @@ pub(crate) async fn fail(
     if r.retry_in_ms.is_some_and(|ms| ms > MAX_DELAY_MS) {
         return Err(ApiError::invalid("retry_in_ms is more than ten years"));
     }
-    let lease = Lease {
-        id: id.into_inner(),
-        lease_id: r.lease_id,
-    };
     let store = state.store.clone();
     let registry = state.registry.clone();
     let retry_backoff = state.config.retry_backoff;
@@ -670,15 +693,10 @@ pub(crate) async fn snooze(
     id: web::Path<i64>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_body(&req, payload, state.config.body_limit).await?;
-    let r: SnoozeRequest = parse_json(&body)?;
+    let (r, lease): (SnoozeRequest, Lease) = lease_call(&state, &req, id, payload).await?;
     if r.delay_ms > MAX_DELAY_MS {
         return Err(ApiError::invalid("delay_ms is more than ten years"));
     }
-    let lease = Lease {
-        id: id.into_inner(),
-        lease_id: r.lease_id,
-    };
     let detail = raw_text(r.detail);
     let store = state.store.clone();
     let new_state = blocking(move || {
