@@ -608,7 +608,8 @@ impl Store {
         let leases: Vec<Lease> = done.iter().map(|d| d.lease).collect();
         with_hot_conn!(self, c => c.write_tx(|c| {
             let completed = c.complete(&leases)?;
-            for d in done.iter().filter(|d| completed.contains(&d.lease.id)) {
+            let ids: std::collections::HashSet<i64> = completed.iter().copied().collect();
+            for d in done.iter().filter(|d| ids.contains(&d.lease.id)) {
                 insert_attempt!(c,
                     job: d.lease.id,
                     attempt: d.attempt,
